@@ -1,0 +1,61 @@
+"""MoEFeedForward: router + dispatch + experts; with one expert, a dense FFN.
+
+Every feed-forward layer of the model (both macaron FFNs of each Conformer
+block, the FFN of every decoder layer) is this module, so a dense baseline is
+the same code with ``num_experts=1, top_k=1`` (no router, no dispatch).
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from moe_asr.moe.dispatch import make_plan, permute, unpermute
+from moe_asr.moe.experts import Experts
+from moe_asr.moe.router import Routing, TopKRouter
+
+
+class MoEFeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, num_experts: int = 8, top_k: int = 2,
+                 activation: str = "swish", dropout: float = 0.0, impl: str = "grouped",
+                 aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0, ep_size: int = 1,
+                 ep_rank: int = 0) -> None:
+        super().__init__()
+        if num_experts == 1 and top_k != 1:
+            raise ValueError("a single expert needs top_k=1")
+        if impl not in ("loop", "grouped"):
+            raise ValueError(f"unknown MoE impl {impl!r}; expected 'loop' or 'grouped'")
+        self.impl = impl
+        self.router = (TopKRouter(d_model, num_experts, top_k, aux_loss_coef, z_loss_coef)
+                       if num_experts > 1 else None)
+        self.experts = Experts(num_experts, d_model, d_ff, activation, dropout, ep_size, ep_rank)
+        # Auxiliary (load-balancing / z) loss of the last forward; the model adds it to its loss.
+        self.aux_loss: Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        if self.router is None:
+            return self.experts.ffn(x, 0).view(shape)
+        routing, self.aux_loss = self.router(x)
+        y = self._loop(x, routing) if self.impl == "loop" else self._grouped(x, routing)
+        return y.view(shape)
+
+    def _loop(self, x: Tensor, routing: Routing) -> Tensor:
+        """WeNet's reference: one pass over the experts, each gathering its own tokens."""
+        out = x.new_zeros(x.shape[0], self.experts.w2.shape[-1])
+        weights = routing.weights.to(x.dtype)
+        for e in range(self.num_experts):
+            tokens, slot = (routing.experts == e).nonzero(as_tuple=True)
+            if tokens.numel():
+                y = self.experts.ffn(x[tokens], e)
+                out.index_add_(0, tokens, weights[tokens, slot, None] * y)
+        return out
+
+    def _grouped(self, x: Tensor, routing: Routing) -> Tensor:
+        """Sort tokens by expert, run contiguous per-expert blocks, combine back."""
+        plan = make_plan(routing.experts, self.num_experts)
+        rows = self.experts.grouped(permute(x, plan), plan.counts)
+        return unpermute(rows, plan, routing.weights)

@@ -1,0 +1,119 @@
+"""MoE layer equivalences: grouped fast path == per-expert loop, one expert == dense FFN."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_asr.moe.dispatch import make_plan, permute, unpermute
+from moe_asr.moe.layer import MoEFeedForward
+from moe_asr.moe.router import TopKRouter, load_balancing_loss
+
+
+def _pair(num_experts: int, top_k: int, seed: int = 0, **kw) -> tuple[MoEFeedForward, MoEFeedForward]:
+    torch.manual_seed(seed)
+    a = MoEFeedForward(12, 20, num_experts, top_k, impl="grouped", **kw)
+    b = MoEFeedForward(12, 20, num_experts, top_k, impl="loop", **kw)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@pytest.mark.parametrize("num_experts,top_k,tokens", [(8, 2, 37), (8, 1, 5), (4, 4, 9), (16, 2, 1), (8, 2, 0)])
+def test_grouped_equals_loop_forward_backward(num_experts, top_k, tokens):
+    a, b = _pair(num_experts, top_k)
+    x = torch.randn(tokens, 12)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = a(xa), b(xb)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(ya)
+    (ya * g).sum().backward()
+    (yb * g).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_skewed_routing_one_expert_takes_all():
+    a, b = _pair(8, 2)
+    with torch.no_grad():  # make experts 3 and 5 win for every token
+        a.router.gate.weight.zero_()
+        a.router.gate.weight[3].fill_(1.0)
+        a.router.gate.weight[5].fill_(0.5)
+    b.load_state_dict(a.state_dict())
+    x = torch.rand(23, 12) + 0.1
+    plan = make_plan(a.router(x)[0].experts, 8)
+    assert plan.counts[3] == 23 and plan.counts[5] == 23 and plan.counts.sum() == 46
+    torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-6)
+
+
+def test_one_expert_is_a_dense_ffn():
+    torch.manual_seed(0)
+    moe = MoEFeedForward(12, 20, num_experts=1, top_k=1, activation="relu")
+    assert moe.router is None
+    dense = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 12))
+    with torch.no_grad():
+        dense[0].weight.copy_(moe.experts.w1[0].T)
+        dense[0].bias.copy_(moe.experts.b1[0])
+        dense[2].weight.copy_(moe.experts.w2[0].T)
+        dense[2].bias.copy_(moe.experts.b2[0])
+    x = torch.randn(3, 7, 12)
+    torch.testing.assert_close(moe(x), dense(x))
+    assert sum(p.numel() for p in moe.parameters()) == sum(p.numel() for p in dense.parameters())
+
+
+def test_router_is_wenet_gate():
+    """Top-k of raw logits, softmax over the chosen k only, in float32, no bias."""
+    torch.manual_seed(1)
+    router = TopKRouter(6, 5, 2)
+    assert router.gate.bias is None
+    x = torch.randn(4, 6)
+    routing, aux = router(x)
+    logits = x @ router.gate.weight.T
+    for n in range(4):
+        best = logits[n].argsort(descending=True)[:2]
+        assert routing.experts[n].tolist() == best.tolist()
+        torch.testing.assert_close(routing.weights[n], torch.softmax(logits[n, best], -1))
+    assert routing.weights.dtype == torch.float32
+    assert aux.item() == 0.0
+
+
+def test_gradient_reaches_every_expert_that_received_tokens():
+    torch.manual_seed(2)
+    moe = MoEFeedForward(12, 20, 8, 2)
+    x = torch.randn(6, 12)
+    used = set(moe.router(x)[0].experts.flatten().tolist())
+    moe(x).square().sum().backward()
+    for e in range(8):
+        received = moe.experts.w1.grad[e].abs().sum() > 0
+        assert received == (e in used), f"expert {e}: used={e in used}, grad={received}"
+    assert moe.router.gate.weight.grad.abs().sum() > 0
+
+
+def test_permute_unpermute_round_trip():
+    experts = torch.tensor([[2, 0], [1, 2], [2, 1]])
+    plan = make_plan(experts, 3)
+    assert plan.counts.tolist() == [1, 2, 3]
+    assert plan.tokens.tolist() == [0, 1, 2, 0, 1, 2]
+    x = torch.arange(3.0).unsqueeze(1)
+    w = torch.tensor([[0.25, 0.75], [0.5, 0.5], [1.0, 0.0]])
+    torch.testing.assert_close(unpermute(permute(x, plan), plan, w), x)
+
+
+def test_aux_losses():
+    probs = torch.full((4, 4), 0.25)
+    experts = torch.tensor([[0, 1], [2, 3], [0, 1], [2, 3]])
+    torch.testing.assert_close(load_balancing_loss(probs, experts, 4), torch.tensor(1.0))
+    torch.manual_seed(3)
+    moe = MoEFeedForward(12, 20, 8, 2, aux_loss_coef=0.01, z_loss_coef=0.001)
+    moe(torch.randn(10, 12))
+    assert moe.aux_loss.requires_grad and moe.aux_loss.item() > 0
+
+
+def test_expert_init_independent_of_ep_size():
+    torch.manual_seed(4)
+    full = MoEFeedForward(12, 20, 8, 2)
+    torch.manual_seed(4)
+    half = MoEFeedForward(12, 20, 8, 2, ep_size=2, ep_rank=1)
+    torch.testing.assert_close(half.experts.w1, full.experts.w1[4:])
+    torch.testing.assert_close(half.experts.b2, full.experts.b2[4:])
+    torch.testing.assert_close(half.router.gate.weight, full.router.gate.weight)
+    assert half.experts.w1.allreduce is False and half.experts.w1.group_name == "ep_size_2"
