@@ -24,6 +24,9 @@ def test_grouped_equals_loop_forward_backward(num_experts, top_k, tokens):
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = a(xa), b(xb)
     torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6)
+    if tokens == 0:  # an empty batch (e.g. a rank with no tokens) has nothing to differentiate
+        assert ya.shape == (0, 12)
+        return
     g = torch.randn_like(ya)
     (ya * g).sum().backward()
     (yb * g).sum().backward()
