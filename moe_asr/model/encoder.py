@@ -1,0 +1,152 @@
+"""Conformer encoder with full-context, chunk-masked and batched streaming forwards.
+
+``forward`` runs a whole padded batch under a chunk mask; ``forward_chunk``
+advances a batch of streams by one chunk using attention K/V caches and
+convolution caches; ``forward_chunk_by_chunk`` drives it over whole utterances.
+For the same chunk size and left context, both give the same encoder output on
+every valid frame (tests/model/test_encoder_streaming.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from moe_asr.model.attention import RelPositionMultiHeadedAttention
+from moe_asr.model.cmvn import GlobalCMVN
+from moe_asr.model.config import EncoderConfig, MoEConfig
+from moe_asr.model.convolution import ConvolutionModule
+from moe_asr.model.encoder_layer import ConformerEncoderLayer
+from moe_asr.model.ffn import build_ffn
+from moe_asr.model.masks import chunk_attention_mask, make_pad_mask, sample_dynamic_chunk
+from moe_asr.model.positional import RelPositionalEncoding
+from moe_asr.model.subsampling import RATES, Conv2dSubsampling
+
+
+@dataclass
+class StreamState:
+    """What a batch of streams carries from one chunk to the next."""
+
+    offset: int                 # encoder frames produced so far (same for every stream)
+    lengths: Tensor             # [B] valid encoder frames so far (stops growing at the end)
+    att_cache: list[Tensor]     # per layer [B, h, T_cache, 2 * d_k]
+    cnn_cache: list[Tensor]     # per layer [B, C, kernel - 1]
+
+
+class ConformerEncoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig, input_dim: int, moe: MoEConfig,
+                 cmvn: GlobalCMVN | None = None, ep_rank: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.output_size
+        self.global_cmvn = cmvn
+        self.embed = Conv2dSubsampling(input_dim, d, RATES[cfg.input_layer])
+        self.pos_enc = RelPositionalEncoding(d, cfg.positional_dropout_rate)
+
+        def ffn() -> nn.Module:
+            return build_ffn(moe, d, cfg.linear_units, cfg.activation, cfg.dropout_rate, ep_rank)
+
+        self.encoders = nn.ModuleList(
+            ConformerEncoderLayer(
+                d,
+                RelPositionMultiHeadedAttention(cfg.attention_heads, d, cfg.attention_dropout_rate),
+                ffn(),
+                ffn() if cfg.macaron_style else None,
+                ConvolutionModule(d, cfg.cnn_module_kernel, cfg.activation, cfg.cnn_module_norm, cfg.causal)
+                if cfg.use_cnn_module else None,
+                cfg.dropout_rate,
+            )
+            for _ in range(cfg.num_blocks))
+        self.after_norm = nn.LayerNorm(d, eps=1e-5)
+
+    @property
+    def output_size(self) -> int:
+        return self.cfg.output_size
+
+    def _front(self, xs: Tensor, mask: Tensor, cache_len: int) -> tuple[Tensor, Tensor, Tensor]:
+        if self.global_cmvn is not None:
+            xs = self.global_cmvn(xs)
+        xs, mask = self.embed(xs, mask)
+        xs, pos_emb = self.pos_enc(xs, cache_len)
+        return xs, pos_emb, mask
+
+    def _chunking(self, frames: int, chunk_size: int, num_left_chunks: int) -> tuple[int, int]:
+        """Chunk size and left chunks for a forward; ``chunk_size == 0`` means the training rule."""
+        if chunk_size != 0:
+            return chunk_size, num_left_chunks
+        if self.cfg.use_dynamic_chunk:
+            return sample_dynamic_chunk(frames, self.cfg.use_dynamic_left_chunk)
+        if self.cfg.static_chunk_size > 0:
+            return self.cfg.static_chunk_size, num_left_chunks
+        return -1, -1
+
+    def forward(self, xs: Tensor, xs_lens: Tensor, chunk_size: int = 0,
+                num_left_chunks: int = -1) -> tuple[Tensor, Tensor]:
+        """``xs [B, T, idim]`` -> ``(out [B, T', d], mask [B, 1, T'])``.
+
+        ``chunk_size``: < 0 full context, > 0 that chunk size with
+        ``num_left_chunks`` of left context (-1: all), 0 the training rule
+        (dynamic or static chunk from the config).
+        """
+        mask = ~make_pad_mask(xs_lens, xs.shape[1]).unsqueeze(1)
+        xs, pos_emb, mask = self._front(xs, mask, 0)
+        chunk, left = self._chunking(xs.shape[1], chunk_size, num_left_chunks)
+        att_mask = chunk_attention_mask(mask, chunk, left)
+        for layer in self.encoders:
+            xs, _, _ = layer(xs, att_mask, pos_emb, mask)
+        return self.after_norm(xs), mask
+
+    def init_state(self, batch_size: int, device: torch.device | None = None) -> StreamState:
+        n = len(self.encoders)
+        empty = torch.zeros(batch_size, 0, device=device)
+        return StreamState(0, torch.zeros(batch_size, dtype=torch.long, device=device),
+                           [empty.new_zeros(batch_size, 0, 0, 0)] * n, [empty.new_zeros(batch_size, 0, 0)] * n)
+
+    def forward_chunk(self, xs: Tensor, xs_lens: Tensor, state: StreamState,
+                      required_cache_size: int = -1) -> tuple[Tensor, StreamState]:
+        """Advance every stream by one chunk.
+
+        ``xs [B, W, idim]`` is the chunk's input window (``W = (chunk - 1) *
+        rate + right_context + 1`` frames, fewer at the end), ``xs_lens [B]``
+        its valid frames per stream (0 for a stream that has ended).
+        ``required_cache_size``: attention frames to keep (chunk size x left
+        chunks), -1 for all. Returns ``[B, chunk, d]`` (rows past a stream's
+        end are padding) and the new state.
+        """
+        cache_len = state.att_cache[0].shape[2]
+        mask = ~make_pad_mask(xs_lens, xs.shape[1]).unsqueeze(1)
+        xs, pos_emb, mask = self._front(xs, mask, cache_len)
+        cache_pos = torch.arange(state.offset - cache_len, state.offset, device=xs.device)
+        cache_valid = cache_pos.unsqueeze(0) < state.lengths.unsqueeze(1)
+        att_mask = torch.cat([cache_valid.unsqueeze(1), mask], dim=2)
+        att_caches, cnn_caches = [], []
+        for layer, att_cache, cnn_cache in zip(self.encoders, state.att_cache, state.cnn_cache):
+            xs, att_cache, cnn_cache = layer(xs, att_mask, pos_emb, mask, att_cache, cnn_cache)
+            if required_cache_size >= 0:
+                att_cache = att_cache[:, :, att_cache.shape[2] - min(required_cache_size, att_cache.shape[2]):]
+            att_caches.append(att_cache)
+            cnn_caches.append(cnn_cache)
+        chunk = xs.shape[1]
+        new_state = StreamState(state.offset + chunk, state.lengths + mask.squeeze(1).sum(1),
+                                att_caches, cnn_caches)
+        return self.after_norm(xs), new_state
+
+    def forward_chunk_by_chunk(self, xs: Tensor, xs_lens: Tensor, chunk_size: int,
+                               num_left_chunks: int = -1) -> tuple[Tensor, Tensor]:
+        """Stream whole padded utterances through ``forward_chunk``; same outputs as ``forward``."""
+        if chunk_size <= 0:
+            raise ValueError(f"streaming needs chunk_size > 0, got {chunk_size}")
+        rate, context = self.embed.rate, self.embed.right_context + 1
+        stride, window = rate * chunk_size, (chunk_size - 1) * rate + context
+        required = chunk_size * num_left_chunks if num_left_chunks >= 0 else -1
+        state = self.init_state(xs.shape[0], xs.device)
+        outputs = []
+        for start in range(0, xs.shape[1] - context + 1, stride):
+            end = min(start + window, xs.shape[1])
+            lens = (xs_lens - start).clamp(0, end - start)
+            ys, state = self.forward_chunk(xs[:, start:end], lens, state, required)
+            outputs.append(ys)
+        d = self.output_size
+        out = torch.cat(outputs, dim=1) if outputs else xs.new_zeros(xs.shape[0], 0, d)
+        return out, ~make_pad_mask(state.lengths, out.shape[1]).unsqueeze(1)
