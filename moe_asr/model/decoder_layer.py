@@ -30,5 +30,7 @@ class DecoderLayer(nn.Module):
             query, residual, query_mask = normed[:, -1:], tgt[:, -1:], tgt_mask[:, -1:]
         x = residual + self.dropout(self.self_attn(query, normed, normed, query_mask))
         x = x + self.dropout(self.src_attn(self.norm2(x), memory, memory, memory_mask))
-        x = x + self.dropout(self.feed_forward(self.norm3(x)))
+        # A padded position cannot see itself; those rows skip the MoE.
+        valid = query_mask.diagonal(dim1=-2, dim2=-1) if cache is None else None
+        x = x + self.dropout(self.feed_forward(self.norm3(x), valid))
         return x if cache is None else torch.cat([cache, x], dim=1)

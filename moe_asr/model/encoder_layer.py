@@ -31,15 +31,16 @@ class ConformerEncoderLayer(nn.Module):
                 att_cache: Tensor | None = None, cnn_cache: Tensor | None = None
                 ) -> tuple[Tensor, Tensor, Tensor]:
         """Returns the output and the new attention and convolution caches."""
+        valid = mask_pad.squeeze(1)
         if self.feed_forward_macaron is not None:
-            x = x + self.ff_scale * self.dropout(self.feed_forward_macaron(self.norm_ff_macaron(x)))
+            x = x + self.ff_scale * self.dropout(self.feed_forward_macaron(self.norm_ff_macaron(x), valid))
         att, new_att_cache = self.self_attn(self.norm_mha(x), mask, pos_emb, att_cache)
         x = x + self.dropout(att)
         new_cnn_cache = x.new_zeros(0)
         if self.conv_module is not None:
             conv, new_cnn_cache = self.conv_module(self.norm_conv(x), mask_pad, cnn_cache)
             x = x + self.dropout(conv)
-        x = x + self.ff_scale * self.dropout(self.feed_forward(self.norm_ff(x)))
+        x = x + self.ff_scale * self.dropout(self.feed_forward(self.norm_ff(x), valid))
         if self.conv_module is not None:
             x = self.norm_final(x)
         return x, new_att_cache, new_cnn_cache

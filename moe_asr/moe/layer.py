@@ -34,13 +34,19 @@ class MoEFeedForward(nn.Module):
     def num_experts(self) -> int:
         return self.experts.num_experts
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+        """``x [..., d]``; ``valid [...]`` (bool) marks real tokens: padding is not
+        routed (no expert compute, no skew of the load statistics) and gets 0."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         if self.router is None:
             return self.experts.ffn(x, 0).view(shape)
-        routing, self.aux_loss = self.router(x)
-        y = self._loop(x, routing) if self.impl == "loop" else self._grouped(x, routing)
+        keep = None if valid is None or bool(valid.all()) else valid.reshape(-1).nonzero().squeeze(1)
+        tokens = x if keep is None else x.index_select(0, keep)
+        routing, self.aux_loss = self.router(tokens)
+        y = self._loop(tokens, routing) if self.impl == "loop" else self._grouped(tokens, routing)
+        if keep is not None:
+            y = x.new_zeros(x.shape[0], y.shape[-1]).index_copy(0, keep, y)
         return y.view(shape)
 
     def _loop(self, x: Tensor, routing: Routing) -> Tensor:

@@ -120,3 +120,16 @@ def test_expert_init_independent_of_ep_size():
     torch.testing.assert_close(half.experts.b2, full.experts.b2[4:])
     torch.testing.assert_close(half.router.gate.weight, full.router.gate.weight)
     assert half.experts.w1.allreduce is False and half.experts.w1.group_name == "ep_size_2"
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped"])
+def test_padding_is_not_routed(impl):
+    torch.manual_seed(5)
+    moe = MoEFeedForward(12, 20, 8, 2, impl=impl).train()
+    x = torch.randn(2, 6, 12)
+    valid = torch.tensor([[True] * 6, [True] * 2 + [False] * 4])
+    y_all = moe(x)
+    y = moe(x, valid)
+    assert int(moe.router.tokens_per_expert.sum()) == 8 * 2  # 8 real tokens x top-2
+    torch.testing.assert_close(y[valid], y_all[valid])
+    assert y[~valid].abs().sum() == 0

@@ -1,0 +1,77 @@
+"""Streaming == full context: chunk-by-chunk with caches gives the chunk-masked forward's output."""
+import pytest
+import torch
+
+from moe_asr.model.encoder import ConformerEncoder
+
+from tests.helpers import tiny_config
+
+
+def _encoder(input_layer: str = "conv2d", norm: str = "layer_norm") -> ConformerEncoder:
+    cfg = tiny_config(input_layer=input_layer, cnn_module_norm=norm)
+    return ConformerEncoder(cfg.encoder, cfg.input_dim, cfg.moe).eval()
+
+
+@pytest.mark.parametrize("chunk,left", [(1, -1), (4, -1), (4, 1), (3, 0), (8, 2), (16, -1)])
+def test_batched_streaming_equals_chunk_masked_forward(chunk, left):
+    enc = _encoder()
+    lens = torch.tensor([203, 151, 64, 9])  # batch > 1 with padding, one shorter than a window
+    xs = torch.randn(4, 203, 20)
+    with torch.no_grad():
+        full, mask = enc(xs, lens, chunk, left)
+        stream, stream_mask = enc.forward_chunk_by_chunk(xs, lens, chunk, left)
+    assert stream.shape == full.shape
+    assert torch.equal(stream_mask, mask)
+    valid = mask.squeeze(1)
+    torch.testing.assert_close(stream[valid], full[valid], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("input_layer", ["conv2d6", "conv2d8"])
+def test_streaming_other_subsampling_rates_and_batch_norm(input_layer):
+    enc = _encoder(input_layer, "batch_norm")
+    lens = torch.tensor([160, 97])
+    xs = torch.randn(2, 160, 20)
+    with torch.no_grad():
+        full, mask = enc(xs, lens, 4, 2)
+        stream, _ = enc.forward_chunk_by_chunk(xs, lens, 4, 2)
+    valid = mask.squeeze(1)
+    torch.testing.assert_close(stream[valid], full[valid], rtol=1e-5, atol=1e-5)
+
+
+def test_batched_output_equals_each_utterance_alone():
+    """Padding must not leak: a padded utterance's frames equal its unpadded forward."""
+    enc = _encoder()
+    lens = torch.tensor([120, 70])
+    xs = torch.randn(2, 120, 20)
+    with torch.no_grad():
+        batch, mask = enc(xs, lens, 4, -1)
+        alone, _ = enc(xs[1:, :70], lens[1:], 4, -1)
+        stream_alone, _ = enc.forward_chunk_by_chunk(xs[1:, :70], lens[1:], 4, -1)
+    n = int(mask[1].sum())
+    torch.testing.assert_close(batch[1, :n], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stream_alone[0], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_chunk_mask_changes_output():
+    """The equivalence above is not vacuous: limited context really differs from full context."""
+    enc = _encoder()
+    xs, lens = torch.randn(1, 120, 20), torch.tensor([120])
+    with torch.no_grad():
+        full, _ = enc(xs, lens, -1)
+        chunked, _ = enc(xs, lens, 4, 1)
+    assert (full - chunked).abs().max() > 1e-3
+
+
+def test_causal_encoder_does_not_look_ahead_past_its_chunk():
+    enc = _encoder()
+    xs = torch.randn(1, 120, 20)
+    lens = torch.tensor([120])
+    changed = xs.clone()
+    changed[:, 80:] += 5.0  # perturb input frames from 80 on
+    with torch.no_grad():
+        a, _ = enc(xs, lens, 4, -1)
+        b, _ = enc(changed, lens, 4, -1)
+    # Encoder frame t sees input frames up to 4 * (t // 4 * 4 + 3) + 6 through its chunk.
+    first_affected = next(t for t in range(a.shape[1]) if 4 * ((t // 4) * 4 + 3) + 6 >= 80)
+    torch.testing.assert_close(a[:, :first_affected], b[:, :first_affected])
+    assert (a[:, first_affected:] - b[:, first_affected:]).abs().max() > 1e-3
