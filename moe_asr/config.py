@@ -5,9 +5,10 @@ composes them, so `load_config("conf/tiny_moe.yaml")` validates everything at on
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from moe_asr.data.config import DataConfig
 from moe_asr.model.config import ModelConfig
 from moe_asr.schema import ConfigError, dump_yaml, load_yaml
 
@@ -17,6 +18,7 @@ __all__ = ["ExperimentConfig", "ConfigError", "load_config", "save_config"]
 @dataclass
 class ExperimentConfig:
     model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

@@ -1,0 +1,35 @@
+"""The Batch contract between the data pipeline and the model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Batch:
+    """Padded features and targets of B utterances.
+
+    ``feats`` is float32 [B, T, num_mel_bins] zero-padded past ``feats_lengths``;
+    ``targets`` is int64 [B, U] padded with -1 past ``target_lengths`` (the
+    ignore id of the attention losses).
+    """
+
+    keys: list[str]
+    feats: torch.Tensor
+    feats_lengths: torch.Tensor
+    targets: torch.Tensor
+    target_lengths: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        return Batch(self.keys, *(t.to(device, non_blocking=non_blocking) for t in self._tensors()))
+
+    def pin_memory(self) -> "Batch":
+        """Called by ``DataLoader(pin_memory=True)`` so host-to-GPU copies can be asynchronous."""
+        return Batch(self.keys, *(t.pin_memory() for t in self._tensors()))
+
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.feats, self.feats_lengths, self.targets, self.target_lengths

@@ -1,0 +1,155 @@
+"""Data section of the experiment config: shards, features, augmentation, filters, batching, tokens.
+
+Defaults follow WeNet's U2++ recipes (80-dim fbank 25/10 ms, dither 1.0 in
+training, SpecAugment 2x50 time / 2x10 freq masks, dynamic batching by frames)
+so a config that only names the shard lists and the symbol table trains like
+WeNet would. Training-only randomness (dither, speed perturbation, SpecAugment,
+SpecSub, shuffling) is switched off automatically for evaluation data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from moe_asr.schema import check
+
+
+@dataclass
+class FeatureConfig:
+    """Waveform -> log-mel fbank, exactly as ``torchaudio.compliance.kaldi.fbank`` computes it."""
+
+    # Model input rate; audio at any other rate is resampled to it.
+    sample_rate: int = 16000
+    num_mel_bins: int = 80
+    frame_length_ms: float = 25.0
+    frame_shift_ms: float = 10.0
+    # Gaussian noise added to every frame before the FFT (training only).
+    dither: float = 1.0
+    # Speed factors drawn uniformly per utterance in training; [1.0] disables it.
+    speed_perturb: list[float] = field(default_factory=lambda: [1.0])
+
+    def __post_init__(self) -> None:
+        check(self.sample_rate >= 1000, "sample_rate", f"must be >= 1000 Hz, got {self.sample_rate}")
+        check(self.num_mel_bins >= 1, "num_mel_bins", "must be >= 1")
+        check(0 < self.frame_shift_ms <= self.frame_length_ms, "frame_shift_ms",
+              "must be > 0 and <= frame_length_ms")
+        check(self.dither >= 0, "dither", "must be >= 0")
+        check(len(self.speed_perturb) >= 1 and all(0.5 <= s <= 2.0 for s in self.speed_perturb),
+              "speed_perturb", f"needs one or more factors in [0.5, 2.0], got {self.speed_perturb}")
+
+    @property
+    def window_size(self) -> int:
+        return int(self.sample_rate * self.frame_length_ms * 0.001)
+
+    @property
+    def window_shift(self) -> int:
+        return int(self.sample_rate * self.frame_shift_ms * 0.001)
+
+
+@dataclass
+class SpecAugConfig:
+    """Time and frequency masks (zeros) on training features."""
+
+    enabled: bool = True
+    num_t_mask: int = 2
+    num_f_mask: int = 2
+    max_t: int = 50
+    max_f: int = 10
+
+    def __post_init__(self) -> None:
+        check(min(self.num_t_mask, self.num_f_mask, self.max_t, self.max_f) >= 0, "num_t_mask",
+              "mask counts and widths must be >= 0")
+
+
+@dataclass
+class SpecSubConfig:
+    """Replace random time spans with an earlier span of the same utterance (WeNet's SpecSub)."""
+
+    enabled: bool = False
+    max_t: int = 20
+    num_t_sub: int = 3
+
+    def __post_init__(self) -> None:
+        check(self.max_t >= 1 and self.num_t_sub >= 0, "max_t", "needs max_t >= 1 and num_t_sub >= 0")
+
+
+@dataclass
+class FilterConfig:
+    """Utterances outside these limits are dropped (and counted) before batching."""
+
+    min_frames: int = 10
+    max_frames: int = 10240
+    min_tokens: int = 1
+    max_tokens: int = 200
+    # tokens / frames; the upper bound drops transcripts too long for their audio.
+    min_output_input_ratio: float = 0.0
+    max_output_input_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        check(1 <= self.min_frames <= self.max_frames, "min_frames", "needs 1 <= min_frames <= max_frames")
+        check(0 <= self.min_tokens <= self.max_tokens, "min_tokens", "needs 0 <= min_tokens <= max_tokens")
+        check(0 <= self.min_output_input_ratio <= self.max_output_input_ratio, "min_output_input_ratio",
+              "needs 0 <= min_output_input_ratio <= max_output_input_ratio")
+
+
+@dataclass
+class BatchConfig:
+    """Shuffle buffer -> sort buffer -> batches -> padding."""
+
+    # `dynamic`: as many utterances as fit in max_frames_in_batch padded frames
+    # (batch size x longest utterance); `static`: batch_size utterances.
+    batch_type: Literal["static", "dynamic"] = "dynamic"
+    batch_size: int = 16
+    max_frames_in_batch: int = 12000
+    shuffle: bool = True
+    shuffle_size: int = 1500
+    sort: bool = True
+    sort_size: int = 500
+
+    def __post_init__(self) -> None:
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.max_frames_in_batch >= 1, "max_frames_in_batch", "must be >= 1")
+        check(self.shuffle_size >= 1 and self.sort_size >= 1, "shuffle_size", "buffer sizes must be >= 1")
+
+
+@dataclass
+class TokenizerConfig:
+    """Transcript -> token ids. The symbol table (``units.txt``) fixes the model's vocab_size."""
+
+    type: Literal["char", "bpe", "unigram"] = "char"
+    # `moe-asr train-tokenizer` writes both files and prints this section.
+    symbol_table: Optional[str] = None
+    # sentencepiece model for bpe/unigram.
+    bpe_model: Optional[str] = None
+    # Applied before tokenizer training and before every encode, so both see the same text.
+    case: Literal["keep", "lower", "upper"] = "keep"
+    remove_punctuation: bool = False
+    # Punctuation kept even with remove_punctuation (apostrophes of English contractions).
+    keep_punctuation: str = "'"
+
+
+@dataclass
+class DataConfig:
+    # List files with one shard path a line (`moe-asr make-shards` writes shards.list).
+    train_shards: Optional[str] = None
+    cv_shards: Optional[str] = None
+    # Shard order, shuffle buffer, speed perturbation, dither and masks all derive from
+    # (seed, epoch, rank, worker): the same seed and epoch give the same batches.
+    seed: int = 777
+    num_workers: int = 2
+    prefetch_factor: int = 4
+    pin_memory: bool = False
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    specaug: SpecAugConfig = field(default_factory=SpecAugConfig)
+    specsub: SpecSubConfig = field(default_factory=SpecSubConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    batching: BatchConfig = field(default_factory=BatchConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def __post_init__(self) -> None:
+        check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        check(self.prefetch_factor >= 1, "prefetch_factor", "must be >= 1")
+        check(self.batching.batch_type != "dynamic"
+              or self.filters.max_frames <= self.batching.max_frames_in_batch, "filters.max_frames",
+              f"{self.filters.max_frames} exceeds batching.max_frames_in_batch="
+              f"{self.batching.max_frames_in_batch}: such an utterance fits in no batch")

@@ -1,0 +1,41 @@
+"""Counted warnings for bad data: skip, count, log a few, never crash."""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+log = logging.getLogger("moe_asr.data")
+# Per reason, log the first few occurrences and then every Nth, so a broken corpus
+# cannot flood the training log while every skip is still counted.
+_LOG_FIRST = 5
+_LOG_EVERY = 1000
+
+
+class DataStats:
+    """Counts of skipped samples by reason."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def bad(self, reason: str, key: str, detail: str = "") -> None:
+        self.counts[reason] += 1
+        n = self.counts[reason]
+        if n <= _LOG_FIRST or n % _LOG_EVERY == 0:
+            log.warning("skipped %s (%s%s) [%d so far]", key, reason, f": {detail}" if detail else "", n)
+
+    def filtered(self, reason: str) -> None:
+        """An utterance outside the configured limits: counted, not worth a warning."""
+        self.counts[f"filtered: {reason}"] += 1
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+def skip_summary(counts: dict[str, int], examples: dict[str, list[str]] | None = None, show: int = 5) -> list[str]:
+    """Human lines for a tool's end-of-run summary: one per reason, with a few example keys."""
+    lines = []
+    for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        keys = (examples or {}).get(reason, [])[:show]
+        more = ", ..." if n > len(keys) and keys else ""
+        lines.append(f"  skipped {n:>7} {reason}" + (f" ({', '.join(keys)}{more})" if keys else ""))
+    return lines
