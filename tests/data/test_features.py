@@ -1,0 +1,105 @@
+"""Fbank equals torchaudio's Kaldi fbank; length predictions are exact; augmentations stay in bounds."""
+from __future__ import annotations
+
+import pytest
+import soundfile as sf
+import torch
+import torchaudio
+from torchaudio.compliance.kaldi import fbank as kaldi_fbank
+
+from moe_asr.data.config import FeatureConfig, SpecAugConfig, SpecSubConfig
+from moe_asr.data.features import Fbank, num_frames, resample, resampled_length, spec_augment, spec_sub
+
+from .conftest import fsdd_files
+
+
+def _real_waves(n: int, rate: int) -> list[torch.Tensor]:
+    waves = [torch.from_numpy(sf.read(f, dtype="float32")[0]) for f in fsdd_files(n)]
+    return [torchaudio.functional.resample(w, 8000, rate) for w in waves]
+
+
+@pytest.mark.parametrize("rate,mels,shift", [(16000, 80, 10.0), (8000, 40, 12.5)])
+def test_fbank_equals_torchaudio_kaldi_fbank(rate, mels, shift):
+    cfg = FeatureConfig(sample_rate=rate, num_mel_bins=mels, frame_shift_ms=shift)
+    waves = _real_waves(5, rate) + [torch.randn(cfg.window_size) * 0.1, torch.randn(cfg.window_size - 1)]
+    ours = Fbank(cfg)(waves)
+    for w, got in zip(waves, ours):
+        assert got.shape[0] == num_frames(w.numel(), cfg)
+        if w.numel() < cfg.window_size:  # torchaudio refuses audio shorter than a window; we give no frames
+            assert got.shape == (0, mels)
+            continue
+        ref = kaldi_fbank(w[None] * 32768, num_mel_bins=mels, frame_length=25.0, frame_shift=shift,
+                          dither=0.0, energy_floor=0.0, sample_frequency=rate)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_dither_is_random_but_seeded():
+    fb = Fbank(FeatureConfig())
+    w = _real_waves(1, 16000)
+    a = fb(w, 1.0, torch.Generator().manual_seed(1))[0]
+    b = fb(w, 1.0, torch.Generator().manual_seed(1))[0]
+    c = fb(w, 1.0, torch.Generator().manual_seed(2))[0]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, c) and not torch.equal(a, fb(w)[0])
+
+
+@pytest.mark.parametrize("source", [8000, 16000, 22050, 44100])
+@pytest.mark.parametrize("speed", [0.9, 1.0, 1.1])
+def test_resampled_length_is_predicted_exactly(source, speed):
+    w = torch.randn(source // 3 + 7)
+    out = resample(w, source, 16000, speed)
+    assert out.numel() == resampled_length(w.numel(), source, 16000, speed)
+    if source == 16000 and speed == 1.0:
+        assert out is w
+    else:  # speed s: the utterance lasts 1/s as long
+        assert abs(out.numel() / 16000 - w.numel() / source / speed) < 1e-3
+
+
+def test_resample_equals_torchaudio():
+    w = _real_waves(1, 8000)[0]
+    torch.testing.assert_close(resample(w, 8000, 16000), torchaudio.functional.resample(w, 8000, 16000))
+
+
+def test_spec_augment_masks_within_bounds():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 120, 80) + 1.0
+    lengths = torch.tensor([120, 100, 60, 30, 5, 1])
+    x[torch.arange(120)[None, :] >= lengths[:, None]] = 0
+    cfg = SpecAugConfig(num_t_mask=2, num_f_mask=2, max_t=20, max_f=10)
+    masked_bins = 0
+    for _ in range(20):
+        y = spec_augment(x, lengths, cfg, g)
+        assert (y[torch.arange(120)[None, :] >= lengths[:, None]] == 0).all()  # padding stays zero
+        for b, n in enumerate(lengths.tolist()):
+            yb, xb = y[b, :n], x[b, :n]
+            t_masked = (yb == 0).all(dim=1)
+            assert t_masked.sum() <= 2 * 20
+            if t_masked.all():
+                continue
+            f_masked = (yb[~t_masked] == 0).all(dim=0)
+            assert f_masked.sum() <= 2 * 10
+            masked_bins += int(f_masked.sum())
+            # nothing but whole frames and whole bins is touched
+            keep = ~t_masked[:, None] & ~f_masked[None, :]
+            assert torch.equal(yb[keep], xb[keep])
+    assert masked_bins > 0
+    assert torch.equal(spec_augment(x, lengths, SpecAugConfig(num_t_mask=0, num_f_mask=0), g), x)
+
+
+def test_spec_sub_copies_earlier_spans_only():
+    g = torch.Generator().manual_seed(0)
+    t = 50
+    x = torch.arange(t, dtype=torch.float32)[None, :, None].expand(3, t, 4).clone()  # row value = its index
+    lengths = torch.tensor([50, 30, 10])
+    cfg = SpecSubConfig(max_t=8, num_t_sub=3)
+    changed = 0
+    for _ in range(30):
+        y = spec_sub(x, lengths, cfg, g)
+        src = y[:, :, 0]
+        assert (src <= torch.arange(t)[None, :]).all()  # always from the same or an earlier frame
+        assert (src == x[:, :, 0])[torch.arange(t)[None, :] >= lengths[:, None]].all()  # padding untouched
+        moved = src != x[:, :, 0]
+        changed += int(moved.sum())
+        assert moved.sum(dim=1).le(3 * 8).all()
+        assert (y == y[:, :, :1]).all()  # whole frames are copied
+    assert changed > 0
