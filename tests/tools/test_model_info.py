@@ -1,8 +1,6 @@
 """model-info: the paper shapes hit their parameter budgets; counts are exact."""
 import json
-
 from pathlib import Path
-
 
 from moe_asr.cli import main
 from moe_asr.model.u2pp import build_model
