@@ -99,7 +99,7 @@ class Pipeline:
             stats.bad("empty audio", raw.key)
             return None
         tokens = self.tokenizer.encode(raw.text)
-        if all(t == self.tokenizer.unk_id for t in tokens):
+        if self.tokenizer.no_known_token(tokens):
             stats.bad("no known token", raw.key, repr(raw.text[:50]))
             return None
         speeds = self.cfg.features.speed_perturb

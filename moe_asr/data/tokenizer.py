@@ -111,6 +111,11 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return [self.symbol_table.get(t, self.unk_id) for t in self.tokenize(text)]
 
+    def no_known_token(self, ids: Sequence[int]) -> bool:
+        """True when ``ids`` hold nothing but ``<unk>`` and word boundaries: nothing to learn from."""
+        boundary = self.symbol_table.get(SPACE, self.unk_id)
+        return all(i in (self.unk_id, boundary) for i in ids)
+
     def decode(self, ids: Sequence[int]) -> str:
         special = (self.blank_id, self.sos_eos_id)
         text = "".join(self.id_to_token.get(int(i), UNK) for i in ids if int(i) not in special)

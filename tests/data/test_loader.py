@@ -1,0 +1,234 @@
+"""The training loader: rank/worker split, determinism, exact resume, frame budget, bad data, uneven ranks."""
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing as mp
+import random
+import tarfile
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from moe_asr.config import ExperimentConfig
+from moe_asr.data.audio import encode_audio
+from moe_asr.data.batching import dynamic_batches
+from moe_asr.data.config import DataConfig
+from moe_asr.data.loader import AsrDataLoader
+from moe_asr.data.manifest import Utterance
+from moe_asr.data.pipeline import PlannedUtt
+from moe_asr.data.shards import write_shard, write_shard_list
+from moe_asr.schema import ConfigError, from_dict
+
+from .conftest import build_corpus, fsdd_files, transcript
+
+TRAIN = {"features": {"speed_perturb": [0.9, 1.0, 1.1]}, "specsub": {"enabled": True},
+         "batching": {"shuffle_size": 8, "sort_size": 4, "max_frames_in_batch": 400}, "filters": {"max_frames": 400}}
+
+
+def _loader(corpus, rank=0, world_size=1, train=True, **overrides) -> AsrDataLoader:
+    cfg = corpus.config(**overrides)
+    return AsrDataLoader(corpus.shard_list, cfg, corpus.tokenizer(cfg), train=train, rank=rank,
+                         world_size=world_size)
+
+
+def _keys(batches) -> list[str]:
+    return [k for b in batches for k in b.keys]
+
+
+@pytest.mark.slow
+def test_two_ranks_two_workers_read_every_sample_once(corpus):
+    seen = []
+    for rank in range(2):
+        loader = _loader(corpus, rank, 2, num_workers=2, **TRAIN)
+        loader.set_epoch(3)
+        seen += _keys(loader)
+    assert sorted(seen) == sorted(corpus.keys)
+
+
+@pytest.mark.slow
+def test_same_seed_and_epoch_give_the_same_batches(corpus):
+    def run(epoch, seed=777):
+        loader = _loader(corpus, num_workers=2, seed=seed, **TRAIN)
+        loader.set_epoch(epoch)
+        return list(loader)
+
+    a, b = run(1), run(1)
+    assert _keys(a) == _keys(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x.feats, y.feats) and torch.equal(x.targets, y.targets)
+    assert _keys(run(2)) != _keys(a) and _keys(run(1, seed=5)) != _keys(a)
+    assert sorted(_keys(run(2))) == sorted(corpus.keys)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_continues_exactly(corpus, num_workers):
+    full_loader = _loader(corpus, num_workers=num_workers, **TRAIN)
+    full_loader.set_epoch(1)
+    full = list(full_loader)
+    assert len(full) >= 6
+    for cut in (1, len(full) // 2, len(full) - 1):
+        first = _loader(corpus, num_workers=num_workers, **TRAIN)
+        first.set_epoch(1)
+        head = []
+        for batch in first:
+            head.append(batch)
+            if len(head) == cut:
+                state = json.loads(json.dumps(first.state_dict()))
+                break
+        assert state["batches_delivered"] == cut and state["epoch"] == 1
+        resumed = _loader(corpus, num_workers=num_workers, **TRAIN)
+        resumed.load_state_dict(state)
+        resumed.set_epoch(1)  # a trainer's usual call must not lose the position
+        tail = list(resumed)
+        assert _keys(head + tail) == _keys(full), f"cut at {cut}"
+        for x, y in zip(head + tail, full):
+            assert torch.equal(x.feats, y.feats)
+        assert resumed.state_dict()["complete"]
+
+
+def test_resume_refuses_a_different_setup(corpus):
+    state = _loader(corpus).state_dict()
+    with pytest.raises(ValueError, match="num_workers"):
+        _loader(corpus, num_workers=2).load_state_dict(state)
+
+
+def test_dynamic_batches_never_exceed_the_budget():
+    rng = random.Random(0)
+    for budget in (50, 333, 1000):
+        items = [PlannedUtt("k", b"", 8000, 0, [], 1.0, rng.randint(1, budget)) for _ in range(500)]
+        batches = list(dynamic_batches(items, budget))
+        assert [x for b in batches for x in b] == items
+        assert all(len(b) * max(x.num_frames for x in b) <= budget for b in batches)
+        # greedy: adding the next item would have broken the budget
+        for b, nxt in zip(batches, batches[1:]):
+            assert (len(b) + 1) * max(x.num_frames for x in b + nxt[:1]) > budget
+
+
+def test_pipeline_batches_respect_the_frame_budget_and_padding(corpus):
+    batches = list(_loader(corpus, **TRAIN))
+    assert sorted(_keys(batches)) == sorted(corpus.keys)
+    for b in batches:
+        B, T, F = b.feats.shape
+        assert B * T <= 400 and F == 80 and b.feats.dtype == torch.float32
+        assert T == int(b.feats_lengths.max())
+        for i in range(B):
+            assert (b.feats[i, b.feats_lengths[i]:] == 0).all()
+            assert (b.targets[i, b.target_lengths[i]:] == -1).all()
+            assert (b.targets[i, :b.target_lengths[i]] >= 2).all()
+
+
+def test_static_batches_and_eval_mode(corpus):
+    loader = _loader(corpus, train=False, batching={"batch_type": "static", "batch_size": 3})
+    batches = list(loader)
+    assert [len(b) for b in batches] == [3] * 13 + [1]
+    assert sorted(_keys(batches)) == sorted(corpus.keys)
+    loader.set_epoch(5)  # no training randomness: every epoch is the same
+    again = list(loader)
+    assert all(torch.equal(a.feats, b.feats) for a, b in zip(batches, again))
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_bad_samples_are_counted_not_fatal(corpus, tmp_path):
+    files = fsdd_files(4, start=3)
+    wave, sr = sf.read(files[0], dtype="float32")
+    nan_wav = io.BytesIO()
+    sf.write(nan_wav, np.where(np.arange(len(wave)) == 100, np.nan, wave).astype(np.float32), sr,
+             format="WAV", subtype="FLOAT")
+    shard = tmp_path / "bad.tar"
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tar:
+        for i, f in enumerate(files):
+            _member(tar, f"good{i}.txt", transcript(f).encode())
+            _member(tar, f"good{i}.flac", encode_audio(sf.read(f, dtype="float32")[0], sr, "flac"))
+        _member(tar, "garbage.txt", b"zero")
+        _member(tar, "garbage.flac", bytes(random.Random(0).randbytes(3000)))
+        _member(tar, "unknown.txt", b"### %%%")
+        _member(tar, "unknown.flac", encode_audio(wave, sr, "flac"))
+        _member(tar, "empty.txt", b"zero")
+        _member(tar, "empty.wav", encode_audio(np.zeros(0, np.float32), sr, "wav"))
+        _member(tar, "nan.txt", b"zero")
+        _member(tar, "nan.wav", nan_wav.getvalue())
+        _member(tar, "notext.flac", encode_audio(wave, sr, "flac"))
+        _member(tar, "tooshort.txt", b"zero")
+        _member(tar, "tooshort.wav", encode_audio(wave[:100], sr, "wav"))
+    raw = bytearray(shard.read_bytes())
+    write_shard(tmp_path / "second.tar", [Utterance("late", str(files[0]), "zero")], "flac")
+    second = bytearray((tmp_path / "second.tar").read_bytes())
+    second[20] ^= 0xFF  # corrupt the header of late.txt
+    (tmp_path / "second.tar").write_bytes(bytes(second))
+    shard.write_bytes(bytes(raw))
+    write_shard_list([str(shard), str(tmp_path / "second.tar")], tmp_path / "list")
+    cfg = corpus.config(train_shards=str(tmp_path / "list"), filters={"min_frames": 5}, num_workers=0)
+    loader = AsrDataLoader(tmp_path / "list", cfg, corpus.tokenizer(cfg), world_size=1, rank=0)
+    assert sorted(_keys(loader)) == ["good0", "good1", "good2", "good3"]
+    assert loader.skipped == {"undecodable audio": 1, "no known token": 1, "empty audio": 1,
+                              "non-finite features": 1, "missing transcript": 2, "corrupt tar member": 1,
+                              "filtered: frames out of range": 1}
+
+
+def test_missing_shard_file_is_a_clear_error(corpus, tmp_path):
+    write_shard_list([str(tmp_path / "gone-000.tar")], tmp_path / "list")
+    cfg = corpus.config()
+    with pytest.raises(FileNotFoundError, match="gone-000.tar"):
+        AsrDataLoader(tmp_path / "list", cfg, corpus.tokenizer(cfg), rank=0, world_size=1)
+
+
+def test_config_section_validates():
+    cfg = from_dict(ExperimentConfig, {"model": {"vocab_size": 10}, "data": {"batching": {"batch_size": 4}}})
+    assert cfg.data.batching.batch_size == 4 and cfg.data.features.num_mel_bins == 80
+    with pytest.raises(ConfigError, match="data.batching.max_frames_in_batch"):
+        from_dict(ExperimentConfig, {"model": {"vocab_size": 10}, "data": {"batching": {"max_frames_in_batch": 0}}})
+    with pytest.raises(ConfigError, match="filters.max_frames"):
+        from_dict(DataConfig, {"filters": {"max_frames": 20000}})
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(DataConfig, {"feature": {}})
+
+
+def _uneven_rank(rank: int, init_file: str, shard_list: str, units: str, out) -> None:
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    cfg = from_dict(DataConfig, {"num_workers": 1, "tokenizer": {"symbol_table": units}, "filters": {"min_frames": 1},
+                                 "batching": {"batch_type": "static", "batch_size": 1}})
+    from moe_asr.data.tokenizer import Tokenizer
+    loader = AsrDataLoader(shard_list, cfg, Tokenizer.from_config(cfg.tokenizer))
+    counts = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        n = 0
+        for _ in loader:
+            t = torch.ones(1)
+            dist.all_reduce(t)  # what a training step does: a collective per batch
+            n += 1
+        counts.append(n)
+    out.put((rank, counts))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_uneven_ranks_stop_together(tmp_path):
+    """Shards of 2 and 9 utterances over 2 ranks: both ranks run 2 steps, nobody hangs."""
+    corpus = build_corpus(tmp_path, 11, 9)  # shard sizes 9 and 2
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_uneven_rank, args=(r, str(tmp_path / "init"), str(corpus.shard_list),
+                                                    str(corpus.units), out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(out.get(timeout=120) for _ in procs)  # a hang (ranks disagreeing) times out here
+        for p in procs:
+            p.join(timeout=60)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    assert results[0] == results[1] == [2, 2]
