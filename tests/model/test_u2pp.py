@@ -51,10 +51,11 @@ def test_loss_is_the_u2pp_combination():
 
 def test_ctc_too_short_input_gives_no_nan():
     model = build_model(tiny_config()).train()
-    feats = torch.randn(2, 40, 20)
-    lengths = torch.tensor([40, 7])  # 7 input frames -> 1 encoder frame for 3 tokens
-    ys = torch.tensor([[1, 2, 3], [4, 5, 6]])
-    out = model(feats, lengths, ys, torch.tensor([3, 3]))
+    feats = torch.randn(4, 40, 20)
+    # 7 input frames -> 1 encoder frame for 3 tokens; 3 frames -> no encoder frame; an empty transcript
+    lengths = torch.tensor([40, 7, 3, 40])
+    ys = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, -1], [-1, -1, -1]])
+    out = model(feats, lengths, ys, torch.tensor([3, 3, 2, 0]))
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
