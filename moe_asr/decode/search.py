@@ -45,9 +45,12 @@ def decode(
         beam_size: beam of the prefix beam search (also the rescoring n-best size)
             and of the attention beam search.
         chunk_size: encoder chunk size in frames after subsampling; -1 is full context.
+            0 is refused: to the encoder it means "draw a chunk as in training".
         num_left_chunks: chunks of left context the encoder sees; -1 is all.
         ctc_weight: weight of the CTC score in attention rescoring.
-        reverse_weight: weight of the R2L decoder in attention rescoring.
+        reverse_weight: weight of the R2L decoder in attention rescoring; treated
+            as 0 when the model has no R2L decoder (``r_num_blocks: 0``), so one set
+            of decoding arguments serves models with and without it.
         streaming: run the encoder chunk by chunk with its caches, as a streaming
             server would, instead of one masked full-utterance pass; needs
             ``chunk_size > 0``.
@@ -58,8 +61,12 @@ def decode(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown decoding method(s) {unknown}; choose from {list(METHODS)}")
-    if streaming and chunk_size <= 0:
+    if chunk_size == 0:
+        raise ValueError("chunk_size must be > 0 (chunked) or -1 (full context), got 0")
+    if streaming and chunk_size < 0:
         raise ValueError(f"streaming decoding needs chunk_size > 0, got {chunk_size}")
+    if getattr(model.decoder, "right_decoder", None) is None:
+        reverse_weight = 0.0
     was_training = model.training
     model.eval()
     try:

@@ -20,7 +20,9 @@ class FakeDecoder(nn.Module):
                  memory_scale: float = 1.0, has_r2l: bool = True, seed: int = 0) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.vocab, self.has_r2l = vocab, has_r2l
+        self.vocab = vocab
+        # Stands in for the R2L decoder module; decoding only asks whether it exists.
+        self.right_decoder = nn.Identity() if has_r2l else None
         self.memory_scale = memory_scale
         self.recurrent = nn.Parameter(torch.randn(2, hidden, hidden, generator=g) * recurrent)
         self.embed = nn.Parameter(torch.randn(2, vocab, hidden, generator=g))
@@ -62,7 +64,7 @@ class FakeDecoder(nn.Module):
 
     def forward(self, memory, memory_mask, ys_in_pad, ys_in_lens, r_ys_in_pad, reverse_weight):
         l2r = self._states(ys_in_pad, 0) @ self.out[0] + self._memory_bias(memory, memory_mask, 0)[:, None]
-        if reverse_weight > 0 and self.has_r2l:
+        if reverse_weight > 0 and self.right_decoder is not None:
             r2l = (self._states(r_ys_in_pad, 1) @ self.out[1]
                    + self._memory_bias(memory, memory_mask, 1)[:, None])
         else:
@@ -98,7 +100,8 @@ class _FakeCTC(nn.Module):
 class FakeModel(nn.Module):
     """Encoder = tanh(linear) without subsampling, so encoder length == feature length."""
 
-    def __init__(self, vocab: int = 5, d_model: int = 6, input_dim: int = 80, seed: int = 0) -> None:
+    def __init__(self, vocab: int = 5, d_model: int = 6, input_dim: int = 80, seed: int = 0,
+                 has_r2l: bool = True) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         proj = nn.Linear(input_dim, d_model)
@@ -106,7 +109,7 @@ class FakeModel(nn.Module):
             proj.weight.copy_(torch.randn(d_model, input_dim, generator=g) * 0.3)
         self.encoder = _FakeEncoder(proj)
         self.ctc = _FakeCTC(d_model, vocab, seed + 1)
-        self.decoder = FakeDecoder(vocab, d_model, seed=seed + 2)
+        self.decoder = FakeDecoder(vocab, d_model, has_r2l=has_r2l, seed=seed + 2)
         self.sos = self.eos = vocab - 1
 
     def encode(self, feats, feats_lengths, chunk_size=-1, num_left_chunks=-1):

@@ -58,3 +58,17 @@ def test_bad_arguments_are_rejected():
         decode(model, feats, lengths, ["ctc_greedy", "attention"])
     with pytest.raises(ValueError, match="chunk_size > 0"):
         decode(model, feats, lengths, ["attention"], streaming=True)
+    with pytest.raises(ValueError, match="got 0"):
+        decode(model, feats, lengths, ["attention"], chunk_size=0)
+
+
+def test_reverse_weight_is_ignored_without_an_r2l_decoder():
+    feats, lengths = batch([6, 4], seed=1)
+    without_r2l = FakeModel(has_r2l=False)
+    out = decode(without_r2l, feats, lengths, ["attention_rescoring"], reverse_weight=0.5)
+    expected = decode(without_r2l, feats, lengths, ["attention_rescoring"], reverse_weight=0.0)
+    assert out == expected
+    # With the R2L decoder present the same weight does change the scores.
+    with_r2l = FakeModel(has_r2l=True)
+    changed = decode(with_r2l, feats, lengths, ["attention_rescoring"], reverse_weight=0.5)
+    assert [h.score for h in changed["attention_rescoring"]] != [h.score for h in out["attention_rescoring"]]
