@@ -27,7 +27,8 @@ class MoEConfig:
     # How the routed tokens reach the experts: `loop` is WeNet's per-expert
     # loop (the reference), `grouped` sorts tokens by expert and runs grouped
     # matmuls (Triton kernel on GPU, batched torch on CPU), `deepspeed` wraps
-    # deepspeed.moe.layer.MoE for comparison.
+    # deepspeed.moe.layer.MoE (dropless, same weights) for comparison only:
+    # top_k=2, ep_size=1, no z-loss.
     impl: Literal["loop", "grouped", "deepspeed"] = "grouped"
     # Optional Switch-style load-balancing loss and router z-loss; the paper uses neither.
     aux_loss_coef: float = 0.0

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from kernels.deepspeed_moe import DeepSpeedMoE
 from moe_asr.moe.dispatch import make_plan, permute, unpermute
 from moe_asr.moe.experts import Experts
 from moe_asr.moe.router import Routing, TopKRouter
+
+
+IMPLS = ("loop", "grouped", "deepspeed")
 
 
 class MoEFeedForward(nn.Module):
@@ -21,14 +25,19 @@ class MoEFeedForward(nn.Module):
         super().__init__()
         if num_experts == 1 and top_k != 1:
             raise ValueError("a single expert needs top_k=1")
-        if impl not in ("loop", "grouped"):
-            raise ValueError(f"unknown MoE impl {impl!r}; expected 'loop' or 'grouped'")
+        if impl not in IMPLS:
+            raise ValueError(f"unknown MoE impl {impl!r}; expected one of {IMPLS}")
+        if impl == "deepspeed" and (ep_size > 1 or z_loss_coef > 0 or top_k != 2 or num_experts == 1):
+            # DeepSpeed's top-1 gate weights the expert by its softmax over all
+            # experts (WeNet's by 1), so only top-2 computes the same function.
+            raise ValueError("impl='deepspeed' is a comparison path: top_k=2, ep_size=1, no z-loss")
         self.impl = impl
         self.router = (TopKRouter(d_model, num_experts, top_k, aux_loss_coef, z_loss_coef)
                        if num_experts > 1 else None)
         self.experts = Experts(num_experts, d_model, d_ff, activation, dropout, ep_size, ep_rank)
         # Auxiliary (load-balancing / z) loss of the last forward; the model adds it to its loss.
         self.aux_loss: Tensor | None = None
+        self._deepspeed: DeepSpeedMoE | None = None  # built on first use; owns no parameters
 
     @property
     def num_experts(self) -> int:
@@ -43,8 +52,11 @@ class MoEFeedForward(nn.Module):
             return self.experts.ffn(x, 0).view(shape)
         keep = None if valid is None or bool(valid.all()) else valid.reshape(-1).nonzero().squeeze(1)
         tokens = x if keep is None else x.index_select(0, keep)
-        routing, self.aux_loss = self.router(tokens)
-        y = self._loop(tokens, routing) if self.impl == "loop" else self._grouped(tokens, routing)
+        if self.impl == "deepspeed":
+            y = self._deepspeed_moe(tokens)
+        else:
+            routing, self.aux_loss = self.router(tokens)
+            y = self._loop(tokens, routing) if self.impl == "loop" else self._grouped(tokens, routing)
         if keep is not None:
             y = x.new_zeros(x.shape[0], y.shape[-1]).index_copy(0, keep, y)
         return y.view(shape)
@@ -61,7 +73,21 @@ class MoEFeedForward(nn.Module):
         return out
 
     def _grouped(self, x: Tensor, routing: Routing) -> Tensor:
-        """Sort tokens by expert, run contiguous per-expert blocks, combine back."""
+        """Sort tokens by expert, run all experts in one grouped kernel, combine back.
+
+        Expert parallelism goes between ``permute`` and ``grouped`` (rows in
+        expert order + counts per expert out to the owning ranks) and back
+        before ``unpermute``.
+        """
         plan = make_plan(routing.experts, self.num_experts)
         rows = self.experts.grouped(permute(x, plan), plan.counts)
         return unpermute(rows, plan, routing.weights)
+
+    def _deepspeed_moe(self, x: Tensor) -> Tensor:
+        """``deepspeed.moe.layer.MoE`` (dropless) on this layer's router and expert weights."""
+        if self._deepspeed is None:
+            self._deepspeed = DeepSpeedMoE(self.router.gate, self.experts.ffn, self.num_experts,
+                                           self.router.top_k)
+        y, l_aux = self._deepspeed(x)
+        self.aux_loss = self.router.aux_loss_coef * l_aux.float()
+        return y

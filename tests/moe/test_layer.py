@@ -9,17 +9,20 @@ from moe_asr.moe.layer import MoEFeedForward
 from moe_asr.moe.router import TopKRouter, load_balancing_loss
 
 
-def _pair(num_experts: int, top_k: int, seed: int = 0, **kw) -> tuple[MoEFeedForward, MoEFeedForward]:
+def _pair(num_experts: int, top_k: int, seed: int = 0, impl: str = "grouped",
+          **kw) -> tuple[MoEFeedForward, MoEFeedForward]:
     torch.manual_seed(seed)
-    a = MoEFeedForward(12, 20, num_experts, top_k, impl="grouped", **kw)
+    a = MoEFeedForward(12, 20, num_experts, top_k, impl=impl, **kw)
     b = MoEFeedForward(12, 20, num_experts, top_k, impl="loop", **kw)
     b.load_state_dict(a.state_dict())
     return a, b
 
 
-@pytest.mark.parametrize("num_experts,top_k,tokens", [(8, 2, 37), (8, 1, 5), (4, 4, 9), (16, 2, 1), (8, 2, 0)])
-def test_grouped_equals_loop_forward_backward(num_experts, top_k, tokens):
-    a, b = _pair(num_experts, top_k)
+@pytest.mark.parametrize("num_experts,top_k,tokens,impl", [
+    (8, 2, 37, "grouped"), (8, 1, 5, "grouped"), (4, 4, 9, "grouped"), (16, 2, 1, "grouped"),
+    (8, 2, 0, "grouped"), (8, 2, 37, "deepspeed"), (4, 2, 9, "deepspeed")])
+def test_impl_equals_loop_forward_backward(num_experts, top_k, tokens, impl):
+    a, b = _pair(num_experts, top_k, impl=impl)
     x = torch.randn(tokens, 12)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = a(xa), b(xb)
@@ -133,3 +136,30 @@ def test_padding_is_not_routed(impl):
     assert int(moe.router.tokens_per_expert.sum()) == 8 * 2  # 8 real tokens x top-2
     torch.testing.assert_close(y[valid], y_all[valid])
     assert y[~valid].abs().sum() == 0
+
+
+@pytest.mark.parametrize("impl", ["grouped", "deepspeed"])
+def test_short_training_run_matches_loop(impl):
+    """A few optimiser steps (hidden dropout off, aux loss on) end on the same weights as the loop."""
+    a, b = _pair(8, 2, seed=6, impl=impl, aux_loss_coef=0.01 if impl == "grouped" else 0.0)
+    a.train(), b.train()
+    opt_a = torch.optim.Adam(a.parameters(), lr=1e-2)
+    opt_b = torch.optim.Adam(b.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(7)
+    target = torch.randn(40, 12, generator=gen)
+    for _ in range(5):
+        x = torch.randn(40, 12, generator=gen)
+        for moe, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            loss = (moe(x) - target).square().mean()
+            if impl == "grouped":
+                loss = loss + moe.aux_loss
+            loss.backward()
+            opt.step()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_unknown_impl_is_refused():
+    with pytest.raises(ValueError, match="unknown MoE impl"):
+        MoEFeedForward(12, 20, 8, 2, impl="megablocks")

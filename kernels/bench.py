@@ -1,0 +1,260 @@
+"""Benchmark of the MoE layer's implementations against a dense FFN of the same active FLOPs.
+
+    python -m kernels.bench                       # CPU: the goal shapes, fp32, 2 threads
+    python -m kernels.bench --preset full         # the whole grid (long on CPU)
+    python -m kernels.bench --device cuda --dtype bf16 --preset full --gemm
+
+Each row times one whole ``MoEFeedForward`` forward (router, dispatch, experts,
+combine; ``--backward`` adds forward+backward) for ``grouped`` (our kernels),
+``loop`` (WeNet's per-expert loop), ``deepspeed`` (``deepspeed.moe.layer.MoE``
+dropless, same weights) and ``dense`` (one FFN with ffn = k * expert ffn, i.e.
+the same FLOPs per token). Candidates run interleaved, in several rounds, and
+the best round counts (robust to other load on a shared machine). ``floor`` is
+the time to run one row through every touched expert (reading their weights
+once), the least any MoE path can spend at small token counts on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+IMPLS = ("grouped", "loop", "deepspeed", "dense")
+
+# (experts, tokens, routing, backward): the rows of the goal table.
+GOALS = [(8, 16, "balanced", False), (8, 64, "balanced", False), (8, 512, "balanced", False),
+         (64, 512, "balanced", False), (64, 8192, "balanced", False), (8, 8192, "balanced", True)]
+
+
+@dataclass
+class Case:
+    experts: int
+    tokens: int
+    routing: str
+    backward: bool
+    d: int
+    ffn: int
+    k: int = 2
+
+
+@dataclass
+class Result:
+    case: Case
+    impl: str
+    ms: float
+    tflops: float
+    x_dense: float
+
+
+def cases(preset: str, d_list: list[int]) -> list[Case]:
+    if preset == "goals":
+        return [Case(e, n, r, b, 256, 1024) for e, n, r, b in GOALS]
+    if preset == "quick":
+        return [Case(8, 16, "balanced", False, 256, 1024), Case(8, 512, "skewed", False, 256, 1024),
+                Case(8, 512, "balanced", True, 256, 1024)]
+    out = []
+    for d in d_list:
+        for e in (8, 16, 64):
+            for n in (16, 64, 512, 8192, 65536):
+                for r in ("balanced", "skewed"):
+                    out.append(Case(e, n, r, False, d, 4 * d))
+            out.append(Case(e, 8192, "balanced", True, d, 4 * d))
+    return out
+
+
+def build(case: Case, impl: str, device: str, dtype: torch.dtype, seed: int = 0):
+    from moe_asr.moe.layer import MoEFeedForward
+    torch.manual_seed(seed)
+    if impl == "dense":
+        layer = MoEFeedForward(case.d, case.k * case.ffn, num_experts=1, top_k=1)
+    else:
+        layer = MoEFeedForward(case.d, case.ffn, case.experts, case.k, impl=impl)
+    layer = layer.to(device=device, dtype=dtype)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(case.tokens, case.d, generator=gen)
+    if case.routing == "skewed" and impl != "dense":
+        # A shared direction u in the inputs that the gate rows favour with
+        # Zipf-like strength: a few experts get most tokens, the rest few or none.
+        u = torch.randn(case.d, generator=gen)
+        u = u / u.norm()
+        strength = -torch.log(torch.arange(1, case.experts + 1, dtype=torch.float32)) * 0.6
+        with torch.no_grad():
+            layer.router.gate.weight.add_((strength[:, None] * u[None, :]).to(device, dtype))
+        x = x + 4.0 * u
+    return layer, x.to(device=device, dtype=dtype)
+
+
+def routing_stats(layer, x) -> tuple[int, float]:
+    """(experts touched, largest share of the N*k assignments that one expert takes)."""
+    with torch.no_grad():
+        routing, _ = layer.router(x)
+    counts = torch.bincount(routing.experts.flatten(), minlength=layer.num_experts)
+    return int((counts > 0).sum()), float(counts.max()) / max(1, routing.experts.numel())
+
+
+def floor_fn(layer, touched: int, device, dtype):
+    """One row through each of ``touched`` experts: the weight-reading floor."""
+    ex = layer.experts
+    n = max(1, touched)
+    xp = torch.randn(n, 1, ex.w1.shape[1], device=device, dtype=dtype)
+    w1, b1, w2, b2 = (p.detach()[:n] for p in (ex.w1, ex.b1, ex.w2, ex.b2))
+
+    def run():
+        h = torch.nn.functional.silu(torch.baddbmm(b1.unsqueeze(1), xp, w1))
+        return torch.baddbmm(b2.unsqueeze(1), h, w2)
+    return run
+
+
+def step_fn(layer, x, backward: bool):
+    if not backward:
+        layer.eval()
+
+        def fwd():
+            with torch.inference_mode():
+                return layer(x)
+        return fwd
+    layer.train()
+    xg = x.clone().requires_grad_()
+    g = torch.randn_like(x)
+
+    def fwd_bwd():
+        for p in layer.parameters():
+            p.grad = None
+        xg.grad = None
+        y = layer(xg)
+        y.backward(g)
+    return fwd_bwd
+
+
+def timeit(fns: dict, device: str, rounds: int, round_s: float) -> dict[str, float]:
+    """Best-of-rounds seconds per call; candidates interleaved within each round."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    iters = {}
+    for name, fn in fns.items():
+        fn(); fn(); sync()
+        t0 = time.perf_counter()
+        fn(); sync()
+        one = max(time.perf_counter() - t0, 1e-6)
+        iters[name] = max(1, min(10_000, int(round_s / one)))
+    best = {name: float("inf") for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, n = fns[name], iters[name]
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            sync()
+            best[name] = min(best[name], (time.perf_counter() - t0) / n)
+    return best
+
+
+def run_case(case: Case, impls, device, dtype, rounds, round_s) -> tuple[list[Result], dict]:
+    layers = {impl: build(case, impl, device, dtype) for impl in impls}
+    ref, x = layers.get("grouped") or layers.get("loop") or build(case, "loop", device, dtype)
+    touched, share = routing_stats(ref, x)
+    fns = {impl: step_fn(layer, xi, case.backward) for impl, (layer, xi) in layers.items()}
+    if not case.backward and device == "cpu":
+        fns["floor"] = floor_fn(ref, touched, device, dtype)
+    times = timeit(fns, device, rounds, round_s)
+    flops = case.tokens * case.k * 4 * case.d * case.ffn * (3 if case.backward else 1)
+    dense = times.get("dense")
+    results = [Result(case, impl, t * 1e3, flops / t / 1e12, t / dense if dense else float("nan"))
+               for impl, t in times.items()]
+    return results, {"touched": touched, "top_share": share}
+
+
+def gemm_bench(device: str, dtype: torch.dtype, rounds: int, round_s: float) -> list[str]:
+    """GPU only: the grouped GEMM alone vs ``torch.bmm`` (uniform groups) and a per-expert loop (skewed)."""
+    import kernels
+    lines = ["| shape | routing | grouped TFLOP/s | bmm TFLOP/s | loop TFLOP/s | grouped/bmm | grouped/loop |",
+             "|---|---|---|---|---|---|---|"]
+    for e, m_per, k, n in [(8, 4096, 1024, 4096), (64, 1024, 1024, 4096), (64, 512, 2048, 8192),
+                           (8, 8192, 4096, 16384)]:
+        for routing in ("uniform", "skewed"):
+            m = e * m_per
+            if routing == "uniform":
+                counts = torch.full((e,), m_per, dtype=torch.long)
+            else:
+                p = 1.0 / torch.arange(1, e + 1, dtype=torch.float64)
+                counts = (p / p.sum() * m).floor().long()
+                counts[0] += m - int(counts.sum())
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            w = torch.randn(e, k, n, device=device, dtype=dtype) / k ** 0.5
+            cdev = counts.to(device)
+            cl = counts.tolist()
+            fns = {"grouped": lambda: kernels.grouped_mm(x, w, cdev),
+                   "loop": lambda: [x[s:s + c] @ w[i] for i, (s, c) in
+                                    enumerate(zip([0] + list(torch.tensor(cl).cumsum(0)[:-1].tolist()), cl))]}
+            if routing == "uniform":
+                xb = x.view(e, m_per, k)
+                fns["bmm"] = lambda: torch.bmm(xb, w)
+            t = timeit(fns, device, rounds, round_s)
+            fl = 2 * m * k * n
+            tf = {kk: fl / v / 1e12 for kk, v in t.items()}
+            bmm = tf.get("bmm")
+            lines.append(f"| E={e} M={m} K={k} N={n} | {routing} | {tf['grouped']:.0f} | "
+                         f"{bmm:.0f} | {tf['loop']:.0f} | {tf['grouped'] / bmm:.2f} | {tf['grouped'] / tf['loop']:.2f} |"
+                         if bmm else
+                         f"| E={e} M={m} K={k} N={n} | {routing} | {tf['grouped']:.0f} | - | {tf['loop']:.0f} | - | "
+                         f"{tf['grouped'] / tf['loop']:.2f} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp32 on cpu, bf16 on cuda")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument("--preset", choices=("goals", "quick", "full"), default="goals")
+    ap.add_argument("--d", type=int, nargs="+", default=[256, 512, 1024], help="d_model values (full preset)")
+    ap.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--round-seconds", type=float, default=0.2)
+    ap.add_argument("--gemm", action="store_true", help="also time the grouped GEMM alone (cuda)")
+    ap.add_argument("--json", help="write all results to this file")
+    args = ap.parse_args(argv)
+    if args.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype or ("fp32" if args.device == "cpu" else "bf16")]
+    impls = list(dict.fromkeys(args.impls))
+    if "dense" not in impls:
+        impls.append("dense")
+    print(f"# device={args.device} dtype={dtype} threads={torch.get_num_threads()} torch={torch.__version__} "
+          f"load={os.getloadavg()[0]:.2f}", flush=True)
+    print("| experts | tokens | routing | pass | d | ffn | touched | top share | " +
+          " | ".join(f"{i} ms (x dense)" for i in impls) + " | grouped TFLOP/s |" +
+          (" floor ms (x dense) | grouped / floor |" if args.device == "cpu" else ""))
+    print("|" + "---|" * (9 + len(impls) + (2 if args.device == "cpu" else 0)), flush=True)
+    everything = []
+    for case in cases(args.preset, args.d):
+        res, stats = run_case(case, impls, args.device, dtype, args.rounds, args.round_seconds)
+        by = {r.impl: r for r in res}
+        cols = " | ".join(f"{by[i].ms:.3f} ({by[i].x_dense:.2f}x)" for i in impls)
+        line = (f"| {case.experts} | {case.tokens} | {case.routing} | {'fwd+bwd' if case.backward else 'fwd'} | "
+                f"{case.d} | {case.ffn} | {stats['touched']} | {stats['top_share']:.2f} | {cols} | "
+                f"{by['grouped'].tflops:.3f} |" if "grouped" in by else "")
+        if "floor" in by:
+            line += f" {by['floor'].ms:.3f} ({by['floor'].x_dense:.2f}x) | " \
+                    f"{by['grouped'].ms / by['floor'].ms:.2f} |" if "grouped" in by else ""
+        print(line, flush=True)
+        everything += [dict(asdict(r), **stats) for r in res]
+    if args.gemm and args.device == "cuda":
+        print()
+        print("\n".join(gemm_bench(args.device, dtype, args.rounds, args.round_seconds)), flush=True)
+    print(f"# load at end={os.getloadavg()[0]:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(everything, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
