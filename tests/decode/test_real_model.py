@@ -136,3 +136,12 @@ def test_model_without_r2l_decoder_decodes_with_default_weights():
     default = decode(model, feats, lengths, ["attention_rescoring"], beam_size=3)
     explicit = decode(model, feats, lengths, ["attention_rescoring"], beam_size=3, reverse_weight=0.0)
     assert default == explicit
+
+
+def test_an_utterance_without_encoder_frames_decodes_to_nothing(model):
+    # 3 feature frames are fewer than the subsampling needs for one output frame.
+    feats, lengths = feats_batch([30, 3], seed=5)
+    out = decode(model, feats, lengths, METHODS, beam_size=3)
+    for name, hyps in out.items():
+        assert hyps[1].tokens == [], name
+        assert torch.isfinite(torch.tensor([h.score for h in hyps])).all(), name
