@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 # (kernel, stride) of each conv layer, per subsampling rate.
@@ -31,7 +32,15 @@ class Conv2dSubsampling(nn.Module):
                                  for i, (k, _) in enumerate(self.layers))
 
     def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """``x [B, T, idim]``, ``mask [B, 1, T]`` -> ``[B, T', odim]``, ``[B, 1, T']``."""
+        """``x [B, T, idim]``, ``mask [B, 1, T]`` -> ``[B, T', odim]``, ``[B, 1, T']``.
+
+        A batch shorter than the receptive field is padded to it, giving one
+        fully masked frame instead of a convolution error.
+        """
+        short = self.right_context + 1 - x.shape[1]
+        if short > 0:
+            x = F.pad(x, (0, 0, 0, short))
+            mask = F.pad(mask, (0, short), value=False)
         x = self.conv(x.unsqueeze(1))
         b, c, t, f = x.shape
         x = self.out(x.transpose(1, 2).reshape(b, t, c * f))

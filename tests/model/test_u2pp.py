@@ -105,3 +105,9 @@ def test_model_impls_agree(impl):
     torch.manual_seed(2)
     b = other(*batch)["loss"]
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_shorter_than_the_front_end_window():
+    model = build_model(tiny_config()).eval()
+    enc, mask = model.encode(torch.randn(2, 5, 20), torch.tensor([5, 3]))
+    assert enc.shape[1] == 1 and not mask.any()
