@@ -17,6 +17,7 @@ from typing import Optional, Protocol, Sequence
 import torch
 
 from moe_asr.decode.ctc import NBest
+from moe_asr.model.targets import IGNORE_ID, add_sos_eos, reverse_padded
 
 
 class Decoder(Protocol):
@@ -147,32 +148,19 @@ def score_hypotheses(
     Returns:
         ``[N]`` L2R and ``[N]`` R2L scores: sums of token log probs including eos.
     """
-    n, device = len(hyps), memory.device
-    width = max(len(h) for h in hyps) + 1
+    device = memory.device
     lens = torch.tensor([len(h) for h in hyps], device=device)
-    # Inputs start with sos and are padded with eos; targets end with eos and are
-    # padded with -1, which the mask below drops.
-    ys_in = torch.full((n, width), eos, dtype=torch.long, device=device)
-    r_ys_in = ys_in.clone()
-    ys_out = torch.full((n, width), -1, dtype=torch.long, device=device)
-    r_ys_out = ys_out.clone()
-    ys_in[:, 0] = sos
-    r_ys_in[:, 0] = sos
+    ys = torch.full((len(hyps), max(len(h) for h in hyps)), IGNORE_ID, dtype=torch.long, device=device)
     for i, h in enumerate(hyps):
-        fwd = torch.tensor(list(h), dtype=torch.long, device=device)
-        bwd = fwd.flip(0)
-        ys_in[i, 1:len(h) + 1] = fwd
-        r_ys_in[i, 1:len(h) + 1] = bwd
-        ys_out[i, :len(h)] = fwd
-        r_ys_out[i, :len(h)] = bwd
-        ys_out[i, len(h)] = eos
-        r_ys_out[i, len(h)] = eos
+        ys[i, :len(h)] = torch.tensor(list(h), dtype=torch.long, device=device)
+    ys_in, ys_out = add_sos_eos(ys, sos, eos)
+    r_ys_in, r_ys_out = add_sos_eos(reverse_padded(ys, lens), sos, eos)
     l2r_logits, r2l_logits, _ = decoder(memory, memory_mask, ys_in, lens + 1, r_ys_in, reverse_weight)
 
     def total(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logp = logits.float().log_softmax(dim=-1)
         picked = logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
-        return picked.masked_fill(targets < 0, 0.0).sum(dim=-1)
+        return picked.masked_fill(targets == IGNORE_ID, 0.0).sum(dim=-1)
 
     l2r = total(l2r_logits, ys_out)
     r2l = total(r2l_logits, r_ys_out) if reverse_weight > 0 else torch.zeros_like(l2r)
