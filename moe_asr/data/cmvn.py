@@ -1,7 +1,8 @@
 """Global CMVN statistics of the fbank features over shards, in WeNet's JSON format.
 
 ``{"mean_stat": [sum x], "var_stat": [sum x^2], "frame_num": N}`` per mel bin;
-the encoder normalises with mean = sum/N and istd = 1/sqrt(sum x^2/N - mean^2).
+the encoder (``moe_asr.model.cmvn.GlobalCMVN.from_json``) normalises with
+mean = sum/N and istd = 1/sqrt(sum x^2/N - mean^2).
 Features are computed exactly as in training but without dither or augmentation.
 """
 from __future__ import annotations
@@ -103,14 +104,3 @@ def compute_cmvn(shards: Sequence[str], cfg: FeatureConfig, num_workers: int = 1
 
 def save_cmvn(stats: CmvnStats, path: str | Path) -> None:
     Path(path).write_text(json.dumps(stats.to_json()))
-
-
-def load_cmvn(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, inverse std) float32 vectors from a CMVN JSON file; normalise with (x - mean) * istd."""
-    data = json.loads(Path(path).read_text())
-    n = float(data["frame_num"])
-    if n <= 0:
-        raise ValueError(f"{path}: frame_num must be > 0")
-    mean = torch.tensor(data["mean_stat"], dtype=torch.float64) / n
-    var = (torch.tensor(data["var_stat"], dtype=torch.float64) / n - mean.square()).clamp_min(1e-20)
-    return mean.float(), var.rsqrt().float()

@@ -78,17 +78,29 @@ class Fbank:
     def __call__(self, waves: list[torch.Tensor], dither: float = 0.0,
                  generator: torch.Generator | None = None) -> list[torch.Tensor]:
         counts = [num_frames(w.numel(), self.cfg) for w in waves]
-        frames = [(w * WAVE_SCALE).as_strided((n, self.window_size), (self.window_shift, 1))
-                  for w, n in zip(waves, counts) if n > 0]
+        frames = []
+        for w, n in zip(waves, counts):
+            if n == 0:
+                continue
+            w = w * WAVE_SCALE
+            if dither:
+                # Kaldi draws noise per frame; drawing it per sample gives every frame sample the same
+                # N(0, dither^2) at 1/2.5 of the cost (frames overlap by 60%).
+                w += torch.randn(w.shape, generator=generator) * dither
+            frames.append(w.as_strided((n, self.window_size), (self.window_shift, 1)))
         if not frames:
             return [torch.empty(0, self.cfg.num_mel_bins) for _ in waves]
         x = torch.cat(frames)
-        if dither:
-            x = x + torch.randn(x.shape, generator=generator) * dither
-        x = x - x.mean(dim=1, keepdim=True)
-        x = torch.cat((x[:, :1] * (1 - _PREEMPHASIS), x[:, 1:] - _PREEMPHASIS * x[:, :-1]), dim=1)
-        spectrum = torch.fft.rfft(x * self.window, n=self.fft_size).abs().pow(2)
-        feats = torch.mm(spectrum, self.mel).clamp_min(_EPS).log()
+        x -= x.mean(dim=1, keepdim=True)
+        # Preemphasis (x[j] - 0.97 x[j-1], x[-1] := x[0]) and the window, written straight into
+        # the zero-padded FFT buffer: one pass each, no temporaries.
+        buf = x.new_zeros(x.shape[0], self.fft_size)
+        torch.sub(x[:, 1:], _PREEMPHASIS * x[:, :-1], out=buf[:, 1:self.window_size])
+        buf[:, 0] = x[:, 0] * (1 - _PREEMPHASIS)
+        buf[:, :self.window_size] *= self.window
+        spec = torch.fft.rfft(buf)
+        power = torch.addcmul(spec.real.square(), spec.imag, spec.imag)  # |X|^2 without the sqrt of abs()
+        feats = torch.mm(power, self.mel).clamp_min_(_EPS).log_()
         return list(feats.split(counts))
 
 

@@ -47,7 +47,7 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shard(path: Path, utts: Sequence[Utterance], fmt: str = "flac") -> ShardResult:
+def write_shard(path: Path, utts: Sequence[Utterance], fmt: str = "wav") -> ShardResult:
     """Write one shard to ``path`` via a temporary name, so a crash never leaves a half shard behind.
 
     Utterances whose audio is unreadable, empty or non-finite are left out and
@@ -86,7 +86,7 @@ def _write_task(task: tuple[str, list[Utterance], str]) -> ShardResult:
 
 
 def write_shards(utts: Sequence[Utterance], out_dir: str | Path, per_shard: int, num_workers: int = 1,
-                 fmt: str = "flac", on_done: Callable[[ShardResult], None] | None = None) -> list[ShardResult]:
+                 fmt: str = "wav", on_done: Callable[[ShardResult], None] | None = None) -> list[ShardResult]:
     """Split ``utts`` into shards of ``per_shard`` utterances written by ``num_workers`` processes.
 
     Writes ``out_dir/shards.list`` (absolute paths, in shard order) and returns

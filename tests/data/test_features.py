@@ -30,7 +30,8 @@ def test_fbank_equals_torchaudio_kaldi_fbank(rate, mels, shift):
             continue
         ref = kaldi_fbank(w[None] * 32768, num_mel_bins=mels, frame_length=25.0, frame_shift=shift,
                           dither=0.0, energy_floor=0.0, sample_frequency=rate)
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+        # |X|^2 is computed without abs()'s sqrt, so float32 rounding differs slightly.
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-4)
 
 
 def test_dither_is_random_but_seeded():

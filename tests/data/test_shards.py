@@ -179,3 +179,7 @@ def test_header_probe_matches_decoding(tmp_path):
         sf.write(buf, np.stack([w, w], 1), sr, format=fmt)
         info = probe_audio(buf.getvalue())
         assert (info.sample_rate, info.num_frames, info.channels) == (sr, len(w), 2), fmt
+        decoded, decoded_sr = decode_audio(buf.getvalue())  # WAV: our own PCM16 reader; others: soundfile
+        reference = sf.read(io.BytesIO(buf.getvalue()), dtype="float32")[0].mean(axis=1)
+        assert decoded_sr == sr
+        np.testing.assert_allclose(decoded, reference, atol=1e-7 if fmt != "OGG" else 1e-6)
