@@ -18,5 +18,6 @@ def test_reference_chain_matches_the_pipeline(corpus):
     for a, b in zip(ours, ref):
         # torchaudio's functional and cached resamplers round differently in float32; near-silent
         # bins (log-mel near 0) show it most. Exact fbank equality is tested in test_features.
-        torch.testing.assert_close(a.feats, b.feats, rtol=1e-3, atol=1e-2)
+        diff = (a.feats - b.feats).abs()
+        assert diff.max() < 0.05 and diff.mean() < 1e-4
         assert torch.equal(a.targets, b.targets) and torch.equal(a.feats_lengths, b.feats_lengths)
