@@ -6,10 +6,12 @@ the same code with ``num_experts=1, top_k=1`` (no router, no dispatch).
 """
 from __future__ import annotations
 
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from kernels.deepspeed_moe import DeepSpeedMoE
 from moe_asr.moe.dispatch import make_plan, permute, unpermute
+from moe_asr.moe.expert_parallel import expert_parallel_grouped
 from moe_asr.moe.experts import Experts
 from moe_asr.moe.router import Routing, TopKRouter
 
@@ -38,10 +40,21 @@ class MoEFeedForward(nn.Module):
         # Auxiliary (load-balancing / z) loss of the last forward; the model adds it to its loss.
         self.aux_loss: Tensor | None = None
         self._deepspeed: DeepSpeedMoE | None = None  # built on first use; owns no parameters
+        # Expert-parallel group (set by the training engine): rows go to the ranks owning their experts.
+        self.ep_group: dist.ProcessGroup | None = None
 
     @property
     def num_experts(self) -> int:
         return self.experts.num_experts
+
+    def set_expert_parallel_group(self, group: dist.ProcessGroup | None) -> None:
+        """Split this layer's experts over ``group`` (its size is the ``ep_size`` the experts were built for)."""
+        if group is not None:
+            ep_size = self.num_experts // self.experts.num_local
+            if self.impl != "grouped" or dist.get_world_size(group) != ep_size:
+                raise ValueError(f"expert parallelism needs impl='grouped' and a group of ep_size={ep_size} "
+                                 f"ranks; got impl={self.impl!r}, {dist.get_world_size(group)} ranks")
+        self.ep_group = group
 
     def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
         """``x [..., d]``; ``valid [...]`` (bool) marks real tokens: padding is not
@@ -80,7 +93,10 @@ class MoEFeedForward(nn.Module):
         before ``unpermute``.
         """
         plan = make_plan(routing.experts, self.num_experts)
-        rows = self.experts.grouped(permute(x, plan), plan.counts)
+        if self.ep_group is None:
+            rows = self.experts.grouped(permute(x, plan), plan.counts)
+        else:
+            rows = expert_parallel_grouped(self.experts.grouped, permute(x, plan), plan.counts, self.ep_group)
         return unpermute(rows, plan, routing.weights)
 
     def _deepspeed_moe(self, x: Tensor) -> Tensor:
