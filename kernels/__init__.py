@@ -73,7 +73,7 @@ def permute(x: Tensor, plan: DispatchPlan, backend: str = "auto") -> Tensor:
     """Rows of ``x [N, d]`` in expert order: ``[N*k, d]`` (differentiable)."""
     if resolve_backend(x, backend) == "triton":
         from kernels.autograd import permute as triton_permute
-        return triton_permute(x, plan.order, plan.top_k)
+        return triton_permute(x, plan.order, _inverse(plan), plan.top_k)
     return cpu.permute(x, plan.tokens)
 
 
@@ -82,15 +82,19 @@ def unpermute(rows: Tensor, plan: DispatchPlan, weights: Tensor, backend: str = 
 
     Differentiable in ``rows`` and in the router ``weights [N, k]``.
     """
-    inverse = plan.inverse
-    if inverse is None:
-        import torch
-        inverse = torch.empty_like(plan.order)
-        inverse[plan.order] = torch.arange(plan.order.numel(), device=plan.order.device)
+    inverse = _inverse(plan)
     if resolve_backend(rows, backend) == "triton":
         from kernels.autograd import unpermute as triton_unpermute
         return triton_unpermute(rows, inverse, weights)
     return cpu.unpermute(rows, inverse, weights)
+
+
+def _inverse(plan: DispatchPlan) -> Tensor:
+    if plan.inverse is None:
+        import torch
+        plan.inverse = torch.empty_like(plan.order)
+        plan.inverse[plan.order] = torch.arange(plan.order.numel(), device=plan.order.device)
+    return plan.inverse
 
 
 def grouped_ffn(rows: Tensor, counts: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,

@@ -1,0 +1,60 @@
+"""Shared helpers of the Triton kernels."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Activation codes shared by the kernels (constexpr ints).
+ACT_CODES = {"identity": 0, "swish": 1, "silu": 1, "relu": 2, "gelu": 3}
+
+
+def act_code(name: str) -> int:
+    try:
+        return ACT_CODES[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACT_CODES)}") from None
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """fp32 matmuls follow torch's setting: IEEE unless TF32 was allowed."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, n))
+
+
+@triton.jit
+def apply_act(z, ACT: tl.constexpr):
+    """act(z) for fp32 ``z``."""
+    if ACT == 1:
+        return z * tl.sigmoid(z)
+    elif ACT == 2:
+        return tl.maximum(z, 0.0)
+    elif ACT == 3:
+        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    else:
+        return z
+
+
+@triton.jit
+def act_grad(z, ACT: tl.constexpr):
+    """d act(z) / dz for fp32 ``z``."""
+    if ACT == 1:
+        s = tl.sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+    elif ACT == 2:
+        return (z > 0.0).to(tl.float32)
+    elif ACT == 3:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
+        return cdf + z * pdf
+    else:
+        return tl.full(z.shape, 1.0, tl.float32)
