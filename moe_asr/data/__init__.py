@@ -1,0 +1,6 @@
+"""Audio files -> WebDataset shards -> padded feature batches (see docs/data.md).
+
+manifest (utterance lists) -> shards (tar write/read) -> pipeline (one worker's plan and
+features: audio, features, batching, tokenizer) -> loader (DataLoader order, resume,
+rank sync) -> batch (the Batch contract). cmvn and bench are the offline companions.
+"""

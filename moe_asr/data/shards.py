@@ -10,7 +10,6 @@ member, resynchronises on the next valid header and carries on.
 from __future__ import annotations
 
 import io
-import logging
 import os
 import tarfile
 from dataclasses import dataclass, field
@@ -24,7 +23,6 @@ from moe_asr.data.manifest import Rejected, Utterance
 from moe_asr.data.parallel import parallel_map
 from moe_asr.data.stats import DataStats
 
-log = logging.getLogger(__name__)
 SHARD_LIST = "shards.list"
 _BLOCK = 512
 
