@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moe_asr.data.config import DataConfig
+from moe_asr.engine.config import TrainConfig
 from moe_asr.model.config import ModelConfig
 from moe_asr.schema import ConfigError, dump_yaml, load_yaml
 
@@ -19,6 +20,7 @@ __all__ = ["ExperimentConfig", "ConfigError", "load_config", "save_config"]
 class ExperimentConfig:
     model: ModelConfig
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

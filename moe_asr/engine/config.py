@@ -1,0 +1,71 @@
+"""Train section of the experiment config: how long, how fast, how often to save and log.
+
+Optimisation hyper-parameters (AdamW, the learning-rate schedule, clipping,
+gradient accumulation) live here, with the model they suit, and not in the
+DeepSpeed JSON: the JSON files under ``ds_configs/`` only describe the system
+(ZeRO stage, precision, communication), so one of them serves every model.
+The engine writes these values into DeepSpeed's config and refuses a JSON that
+sets them too. Defaults follow WeNet's U2++ recipes (lr 1e-3, 25k warmup
+steps, inverse-square-root decay, clip 5).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from moe_asr.schema import check
+
+
+@dataclass
+class TrainConfig:
+    # Stop at whichever comes first; max_steps counts optimizer steps, 0 = no limit.
+    max_epochs: int = 100
+    max_steps: int = 0
+    # AdamW; biases, norms and CMVN-like 1-d parameters get no weight decay.
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    # Linear warmup to `lr` over warmup_steps, then `noam` (WeNet's inverse square root),
+    # `cosine` or `linear` decay to min_lr over decay_steps (0: until max_steps), or `constant`.
+    warmup_steps: int = 25000
+    decay: Literal["noam", "cosine", "linear", "constant"] = "noam"
+    decay_steps: int = 0
+    min_lr: float = 0.0
+    # Global gradient-norm clipping (0: off) and micro-batches per optimizer step.
+    grad_clip: float = 5.0
+    accum_grad: int = 1
+    # Model init, dropout and dynamic-chunk draws; rank r uses seed + r after the model is built.
+    seed: int = 777
+    # Console/TensorBoard every log_interval steps; a checkpoint every checkpoint_interval
+    # steps (0: only at epoch ends) and at every epoch end; the newest keep_checkpoints
+    # are kept, plus the best by CV loss.
+    log_interval: int = 50
+    checkpoint_interval: int = 0
+    keep_checkpoints: int = 5
+    # A non-finite loss or gradient skips the step; this many in a row stop training.
+    max_consecutive_nonfinite: int = 20
+
+    def __post_init__(self) -> None:
+        check(self.max_epochs >= 1, "max_epochs", "must be >= 1")
+        check(self.max_steps >= 0, "max_steps", "must be >= 0 (0: no limit)")
+        check(self.lr > 0, "lr", "must be > 0")
+        check(self.weight_decay >= 0 and self.eps > 0, "weight_decay", "needs weight_decay >= 0 and eps > 0")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+              f"needs two values in [0, 1), got {self.betas}")
+        check(self.warmup_steps >= 0 and self.decay_steps >= 0, "warmup_steps", "steps must be >= 0")
+        check(self.decay != "noam" or self.warmup_steps > 0, "warmup_steps", "noam decay needs warmup_steps > 0")
+        check(self.decay not in ("cosine", "linear") or self.decay_steps > 0 or self.max_steps > 0,
+              "decay_steps", f"{self.decay} decay needs decay_steps or max_steps > 0")
+        check(0 <= self.min_lr <= self.lr, "min_lr", "must be in [0, lr]")
+        check(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0: off)")
+        check(self.accum_grad >= 1, "accum_grad", "must be >= 1")
+        check(self.log_interval >= 1, "log_interval", "must be >= 1")
+        check(self.checkpoint_interval >= 0, "checkpoint_interval", "must be >= 0 (0: epoch ends only)")
+        check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        check(self.max_consecutive_nonfinite >= 1, "max_consecutive_nonfinite", "must be >= 1")
+
+    @property
+    def schedule_steps(self) -> int:
+        """Steps over which cosine/linear decay reach min_lr."""
+        return self.decay_steps or self.max_steps

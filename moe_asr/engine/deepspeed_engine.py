@@ -1,0 +1,76 @@
+"""Model + DeepSpeed engine for training: expert groups, MoE registration, optimizer, schedule.
+
+The DeepSpeed JSON describes the system (ZeRO stage, precision, buckets); the
+experiment's ``train:`` section owns the optimisation settings, which are
+written into the DeepSpeed config here. A JSON that also sets them is refused,
+so each value has one home.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moe_asr.config import ConfigError, ExperimentConfig
+from moe_asr.engine.config import TrainConfig
+from moe_asr.engine.distributed import DistInfo, expert_parallel_rank
+from moe_asr.engine.moe_layers import DeepSpeedMoEFeedForward, register_moe_layers
+from moe_asr.engine.optim import build_optimizer, build_scheduler
+from moe_asr.model.u2pp import U2PPModel, build_model
+
+# Keys the engine fills from the train: section.
+TRAIN_OWNED = ("optimizer", "scheduler", "gradient_clipping", "gradient_accumulation_steps",
+               "train_batch_size", "train_micro_batch_size_per_gpu")
+
+
+def deepspeed_config(path: str | Path, train: TrainConfig) -> dict:
+    """The DeepSpeed config of ``path`` completed from ``train``; unsupported combinations fail here."""
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the DeepSpeed config: {e}") from None
+    clash = sorted(set(cfg) & set(TRAIN_OWNED))
+    if clash:
+        raise ConfigError(f"{path}: {clash} come from the experiment's train: section "
+                          f"(lr, warmup_steps, decay, grad_clip, accum_grad); remove them from the JSON")
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    mixed = any(cfg.get(k, {}).get("enabled", False) for k in ("fp16", "bf16"))
+    if stage not in (0, 1, 2):
+        raise ConfigError(f"{path}: ZeRO stage {stage} does not support DeepSpeed MoE layers; use 0, 1 or 2")
+    if stage == 0 and mixed:
+        raise ConfigError(f"{path}: bf16/fp16 training needs ZeRO stage 1 or 2 (stage 0 is the fp32 CPU path)")
+    # Dynamic batches: DeepSpeed's micro-batch size only feeds its sample counter.
+    cfg.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=train.accum_grad,
+               gradient_clipping=train.grad_clip if stage > 0 else 0.0)  # stage 0: Stage0AdamW clips
+    return cfg
+
+
+@dataclass
+class TrainingModel:
+    engine: "deepspeed.DeepSpeedEngine"  # noqa: F821 - imported lazily
+    model: U2PPModel
+    moe_layers: dict[str, DeepSpeedMoEFeedForward]  # by module name
+    zero_stage: int
+
+
+def build_engine(cfg: ExperimentConfig, ds_config: dict, info: DistInfo) -> TrainingModel:
+    """Build this rank's model (its experts only), make DeepSpeed see its MoE layers, and wrap it."""
+    import deepspeed
+
+    moe = cfg.model.moe
+    if moe.ep_size > 1 and moe.impl != "grouped":
+        raise ConfigError(f"model.moe.ep_size={moe.ep_size} needs model.moe.impl: grouped (got {moe.impl})")
+    ep_rank = expert_parallel_rank(moe.ep_size)
+    torch.manual_seed(cfg.train.seed)  # same dense weights on every rank, same experts for any ep_size
+    model = build_model(cfg.model, ep_rank)
+    register_moe_layers(model)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, DeepSpeedMoEFeedForward)}
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    optimizer = build_optimizer(model, cfg.train, stage)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                      lr_scheduler=lambda opt: build_scheduler(opt, cfg.train),
+                                      dist_init_required=False)
+    return TrainingModel(engine, model, layers, stage)

@@ -1,0 +1,78 @@
+"""Process groups for every way of starting training: deepspeed, torchrun, Slurm, or one plain process.
+
+The launchers export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT;
+a plain ``python launch/train.py`` gets a one-rank world on a free local port.
+On CPU the backend is gloo, and DeepSpeed's shared-memory all-reduce op is
+switched off before init: it would otherwise be compiled on first use (about
+two minutes) for no gain at these sizes.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU)."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    cuda = torch.cuda.is_available()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
+    import deepspeed
+
+    if not cuda:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def expert_parallel_rank(ep_size: int) -> int:
+    """This rank's place in its expert-parallel group, creating DeepSpeed's expert groups if needed.
+
+    DeepSpeed's layout: ranks ``[k*ep, (k+1)*ep)`` form an expert-parallel group
+    (all-to-all), and ranks with the same place in their groups form an
+    expert-data-parallel group (expert gradients are averaged there only).
+    """
+    from deepspeed.utils import groups
+
+    name = f"ep_size_{ep_size}"
+    if dist.get_world_size() % ep_size:
+        raise ValueError(f"moe.ep_size={ep_size} does not divide the {dist.get_world_size()} ranks")
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return groups._get_expert_parallel_rank(name)
+
+
+def all_reduce(values: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce over the world; a no-op for one process."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=op)
+    return values

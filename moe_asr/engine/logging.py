@@ -1,0 +1,90 @@
+"""What training reports: console progress, TensorBoard scalars, a JSON-lines metrics file, expert load.
+
+Only rank 0 writes; the numbers it writes are already averaged (losses) or
+summed (frames, routed tokens) over all ranks by the loop. ``metrics.jsonl``
+is the machine-readable record (the loss-curve plot and the tests read it);
+on resume, records past the resumed step are dropped there and in
+TensorBoard (``purge_step``), so a resumed run reads as one curve.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tqdm import tqdm
+
+log = logging.getLogger("moe_asr.train")
+METRICS = "metrics.jsonl"
+
+
+def setup_console(rank: int) -> None:
+    """INFO on rank 0, warnings only elsewhere (one readable console for N ranks)."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout, force=True,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+class TrainLogger:
+    def __init__(self, out_dir: Path, enabled: bool, layer_names: list[str], max_steps: int,
+                 resume_step: int = 0) -> None:
+        self.enabled = enabled
+        self.layer_names = layer_names
+        self.metrics_path = Path(out_dir) / METRICS
+        self.writer = None
+        self.bar: Optional[tqdm] = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        kept = [r for r in read_metrics(self.metrics_path) if r["step"] <= resume_step]
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=resume_step + 1)
+        self.bar = tqdm(total=max_steps or None, initial=resume_step, unit="step", dynamic_ncols=True,
+                        disable=not sys.stderr.isatty())
+
+    def _record(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def train(self, step: int, epoch: int, losses: dict[str, float], lr: float, frames_per_s: float,
+              skipped: int, tokens: torch.Tensor, entropy: torch.Tensor) -> None:
+        """One log interval: mean losses, LR, throughput, and per MoE layer the routed tokens and entropy."""
+        if not self.enabled:
+            return
+        self._record({"step": step, "epoch": epoch, **losses, "lr": lr, "frames_per_s": frames_per_s,
+                      "skipped": skipped})
+        for name, value in {**losses, "lr": lr, "frames_per_s": frames_per_s, "skipped_steps": skipped}.items():
+            self.writer.add_scalar(f"train/{name}", value, step)
+        for name, counts, h in zip(self.layer_names, tokens.tolist(), entropy.tolist()):
+            self.writer.add_scalar(f"moe_entropy/{name}", h, step)
+            for e, n in enumerate(counts):
+                self.writer.add_scalar(f"moe_tokens/{name}/expert_{e}", n, step)
+        parts = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in losses.items() if k.startswith("loss_"))
+        line = (f"epoch {epoch} step {step} loss {losses['loss']:.4f} ({parts}) lr {lr:.3e} "
+                f"{frames_per_s:.0f} frames/s skipped {skipped}")
+        if self.bar is not None and not self.bar.disable:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(line)
+        log.info(line)
+
+    def cv(self, step: int, epoch: int, losses: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self._record({"step": step, "epoch": epoch, **{f"cv_{k}": v for k, v in losses.items()}})
+        for name, value in losses.items():
+            self.writer.add_scalar(f"cv/{name}", value, step)
+        log.info("epoch %d step %d CV loss %.4f (%s)", epoch, step, losses["loss"],
+                 " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in losses.items() if k != "loss"))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.bar is not None:
+            self.bar.close()

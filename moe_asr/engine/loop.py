@@ -1,0 +1,228 @@
+"""The training loop: epochs of DeepSpeed steps, CV each epoch, checkpoints, non-finite guard, logging.
+
+Every decision that changes collective calls (skip a micro-batch, stop, save)
+is taken from all-reduced values, so the ranks never disagree and block.
+
+Non-finite values: a non-finite loss on any rank drops that micro-batch on all
+ranks before backward; a non-finite gradient makes the optimizer skip the step
+(fp16: DeepSpeed's loss scaler; fp32/bf16 ZeRO 1/2: DeepSpeed's overflow check;
+ZeRO 0: ``Stage0AdamW``), counted in ``engine.skipped_steps``. Both count
+towards ``max_consecutive_nonfinite``.
+
+CV runs under a forked RNG seeded the same way every time: the CV loss of
+different epochs is computed with the same dynamic-chunk draws, and
+evaluating does not disturb the training RNG, so a run that stopped (and
+evaluated) mid-epoch resumes on exactly the path of one that did not stop.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from moe_asr.config import ExperimentConfig
+from moe_asr.data.batch import Batch
+from moe_asr.data.loader import AsrDataLoader
+from moe_asr.engine import plots
+from moe_asr.engine.checkpoint import CheckpointInfo, Checkpointer, set_rng_state
+from moe_asr.engine.deepspeed_engine import TrainingModel
+from moe_asr.engine.distributed import DistInfo, all_reduce
+from moe_asr.engine.logging import TrainLogger, read_metrics
+
+log = logging.getLogger("moe_asr.train")
+LOSS_KEYS = ("loss", "loss_ctc", "loss_l2r", "loss_r2l")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0               # the epoch in progress (or the next to start)
+    step: int = 0                # optimizer steps taken (skipped ones included, as DeepSpeed counts)
+    nonfinite_losses: int = 0    # micro-batches dropped for a non-finite loss
+    consecutive_nonfinite: int = 0
+
+
+class _Window:
+    """Sums over one log interval, on this rank."""
+
+    def __init__(self, layers: int, experts: int, device: torch.device) -> None:
+        self.losses = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=device)
+        self.batches = 0
+        self.frames = 0
+        self.tokens = torch.zeros(layers, experts, dtype=torch.int64, device=device)
+        self.entropy = torch.zeros(layers, dtype=torch.float64, device=device)
+        self.start = time.perf_counter()
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, tm: TrainingModel, train_loader: AsrDataLoader,
+                 cv_loader: AsrDataLoader, out_dir: Path, info: DistInfo) -> None:
+        self.cfg, self.tm, self.info = cfg, tm, info
+        self.engine = tm.engine
+        self.train_loader, self.cv_loader = train_loader, cv_loader
+        self.out_dir = Path(out_dir)
+        self.checkpointer = Checkpointer(self.engine, self.out_dir / "checkpoints", cfg.train.keep_checkpoints,
+                                         info.rank)
+        self.state = LoopState()
+        self.layer_names = list(tm.moe_layers)
+        self.num_experts = cfg.model.moe.num_experts
+        self.dtype = next(tm.model.parameters()).dtype
+        # Tokens this rank routed to each expert over the whole run (for the load heatmap).
+        self.tokens_total = torch.zeros(len(self.layer_names), self.num_experts, dtype=torch.int64)
+        self.logger: Optional[TrainLogger] = None
+
+    # ------------------------------------------------------------------ state
+    def resume(self, tag: str) -> None:
+        state = self.checkpointer.load(tag)
+        self.state = LoopState(**state["loop"])
+        self.train_loader.load_state_dict(state["loader"])
+        self.tokens_total = state["expert_tokens"]
+        set_rng_state(state["rng"])
+        log.info("resumed from %s: epoch %d, step %d", tag, self.state.epoch, self.state.step)
+
+    def _save(self, tag: str, epoch: int, cv_loss: Optional[float]) -> None:
+        self.checkpointer.save(CheckpointInfo(tag, self.state.step, epoch, cv_loss),
+                               {"loop": asdict(self.state), "loader": self.train_loader.state_dict(),
+                                "expert_tokens": self.tokens_total})
+        log.info("saved checkpoint %s", tag)
+
+    def _done(self) -> bool:
+        return 0 < self.cfg.train.max_steps <= self.state.step
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> None:
+        """Train until max_epochs or max_steps; CV and a checkpoint at each epoch end and at the stop."""
+        t, s = self.cfg.train, self.state
+        self.logger = TrainLogger(self.out_dir, self.info.is_main, self.layer_names, t.max_steps, s.step)
+        try:
+            while s.epoch < t.max_epochs and not self._done():
+                epoch = s.epoch
+                self.train_loader.set_epoch(epoch)
+                completed = self._train_epoch()
+                cv = self.evaluate()
+                self.logger.cv(s.step, epoch, cv)
+                if completed:
+                    s.epoch += 1
+                self._save(f"epoch_{epoch}" if completed else f"step_{s.step}", epoch, cv["loss"])
+            self._finish()
+        finally:
+            self.logger.close()
+
+    def _train_epoch(self) -> bool:
+        """One pass over the training data; False if max_steps stopped it early."""
+        t, s = self.cfg.train, self.state
+        self.engine.train()
+        window = self._window()
+        for batch in self.train_loader:
+            if not self._micro_step(batch, window):
+                continue
+            if s.step % t.log_interval == 0:
+                self._log(window)
+                window = self._window()
+            if self._done():
+                return False
+            if t.checkpoint_interval and s.step % t.checkpoint_interval == 0:
+                self._save(f"step_{s.step}", s.epoch, None)
+        return True
+
+    def _window(self) -> _Window:
+        return _Window(len(self.layer_names), self.num_experts, self.info.device)
+
+    def _micro_step(self, batch: Batch, window: _Window) -> bool:
+        """Forward, backward and (at accumulation boundaries) an optimizer step; True after an optimizer step."""
+        t, s = self.cfg.train, self.state
+        batch = batch.to(self.info.device)
+        out = self.engine(batch.feats.to(self.dtype), batch.feats_lengths, batch.targets, batch.target_lengths)
+        self._count_routing(window)
+        finite = all_reduce(torch.isfinite(out["loss"].detach()).float().reshape(1), dist.ReduceOp.MIN)
+        if not bool(finite.item()):
+            s.nonfinite_losses += 1
+            self._nonfinite(f"non-finite loss on a micro-batch at step {s.step}")
+            return False
+        self.engine.backward(out["loss"])
+        steps, skipped = self.engine.global_steps, self.engine.skipped_steps
+        self.engine.step()
+        window.losses += torch.stack([out[k].detach().double() for k in LOSS_KEYS])
+        window.batches += 1
+        window.frames += int(batch.feats_lengths.sum())
+        if self.engine.global_steps == steps:
+            return False
+        s.step = self.engine.global_steps
+        if self.engine.skipped_steps > skipped:
+            self._nonfinite(f"non-finite gradient at step {s.step}")
+        else:
+            s.consecutive_nonfinite = 0
+        return True
+
+    def _nonfinite(self, what: str) -> None:
+        s = self.state
+        s.consecutive_nonfinite += 1
+        log.warning("%s: skipped (%d in a row)", what, s.consecutive_nonfinite)
+        if s.consecutive_nonfinite >= self.cfg.train.max_consecutive_nonfinite:
+            raise NonFiniteError(
+                f"{s.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient (last: {what}); "
+                f"lower train.lr, raise train.warmup_steps, or check the data (train.max_consecutive_nonfinite="
+                f"{self.cfg.train.max_consecutive_nonfinite})")
+
+    def _count_routing(self, window: _Window) -> None:
+        layers = self.tm.moe_layers.values()
+        if not layers:
+            return
+        tokens = torch.stack([m.router.tokens_per_expert for m in layers])
+        window.tokens += tokens
+        self.tokens_total += tokens.cpu()
+        window.entropy += torch.stack([m.router.entropy.double() for m in layers])
+
+    def _log(self, window: _Window) -> None:
+        """All-reduce the window and hand rank 0 the means (losses, entropy) and sums (frames, tokens)."""
+        counts = torch.tensor([window.batches, window.frames], dtype=torch.float64, device=self.info.device)
+        packed = torch.cat([window.losses, counts, window.entropy, window.tokens.flatten().double()])
+        packed = all_reduce(packed).cpu()
+        n_loss, n_layers = len(LOSS_KEYS), len(self.layer_names)
+        batches, frames = packed[n_loss].item(), packed[n_loss + 1].item()
+        losses = {k: packed[i].item() / max(batches, 1) for i, k in enumerate(LOSS_KEYS)}
+        entropy = packed[n_loss + 2:n_loss + 2 + n_layers] / max(batches, 1)
+        tokens = packed[n_loss + 2 + n_layers:].long().view(n_layers, self.num_experts)
+        elapsed = time.perf_counter() - window.start
+        self.logger.train(self.state.step, self.state.epoch, losses, self.engine.get_lr()[0], frames / elapsed,
+                          self.engine.skipped_steps + self.state.nonfinite_losses, tokens, entropy)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Utterance-weighted mean CV losses over all ranks."""
+        self.engine.eval()
+        sums = torch.zeros(len(LOSS_KEYS) + 1, dtype=torch.float64, device=self.info.device)
+        devices = [self.info.device] if self.info.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.cfg.train.seed)
+            for batch in self.cv_loader:
+                batch = batch.to(self.info.device)
+                out = self.engine(batch.feats.to(self.dtype), batch.feats_lengths, batch.targets,
+                                  batch.target_lengths)
+                n = len(batch)
+                sums[:-1] += torch.stack([out[k].double() * n for k in LOSS_KEYS])
+                sums[-1] += n
+        all_reduce(sums)
+        self.engine.train()
+        return {k: (sums[i] / sums[-1].clamp_min(1)).item() for i, k in enumerate(LOSS_KEYS)}
+
+    def _finish(self) -> None:
+        tokens = all_reduce(self.tokens_total.to(self.info.device)).cpu()
+        if not self.info.is_main:
+            return
+        records = read_metrics(self.logger.metrics_path)
+        if records:
+            plots.loss_curves(records, self.out_dir / "loss_curves.png")
+        if self.layer_names:
+            plots.expert_load_heatmap(tokens, self.layer_names, self.out_dir / "expert_load.png")
+        best = self.checkpointer.best()
+        log.info("done at step %d; best checkpoint %s (CV loss %.4f)", self.state.step,
+                 best.tag if best else "-", best.cv_loss if best else float("nan"))

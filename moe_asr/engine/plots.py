@@ -1,0 +1,46 @@
+"""End-of-training figures: expert load per MoE layer, and the loss curves (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+import torch  # noqa: E402
+
+
+def expert_load_heatmap(tokens: torch.Tensor, layer_names: list[str], path: Path) -> None:
+    """``tokens [layers, experts]``: routed tokens over the run, shown as each layer's share per expert."""
+    share = tokens.double() / tokens.sum(1, keepdim=True).clamp_min(1)
+    fig, ax = plt.subplots(figsize=(4.5 + 0.5 * tokens.shape[1], 1.2 + 0.35 * len(layer_names)))
+    image = ax.imshow(share.numpy(), aspect="auto", cmap="viridis")
+    ax.set_xticks(range(tokens.shape[1]))
+    ax.set_yticks(range(len(layer_names)), layer_names, fontsize=7)
+    ax.set_xlabel("expert")
+    ax.set_title("expert load: share of each layer's routed tokens")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def loss_curves(records: list[dict[str, Any]], path: Path) -> None:
+    """Training loss and its parts per step, and the CV loss at each evaluation."""
+    train = [r for r in records if "loss" in r]
+    cv = [r for r in records if "cv_loss" in r]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key in ("loss", "loss_ctc", "loss_l2r", "loss_r2l"):
+        ax.plot([r["step"] for r in train], [r[key] for r in train], label=key,
+                linewidth=1.6 if key == "loss" else 0.9)
+    if cv:
+        ax.plot([r["step"] for r in cv], [r["cv_loss"] for r in cv], "o-", color="black", label="cv loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
