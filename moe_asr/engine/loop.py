@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,22 @@ from moe_asr.engine.logging import TrainLogger, read_metrics
 
 log = logging.getLogger("moe_asr.train")
 LOSS_KEYS = ("loss", "loss_ctc", "loss_l2r", "loss_r2l")
+
+
+def _rng_neutral(batches: Iterable[Batch]) -> Iterator[Batch]:
+    """``batches`` without their effect on the global RNG.
+
+    A torch DataLoader draws its workers' base seed from the global RNG when it
+    starts; a resumed run starts its loader mid-epoch, after the RNG restore,
+    so without this its dropout and chunk draws would be shifted by one.
+    """
+    it = iter(batches)
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            batch = next(it, None)
+        if batch is None:
+            return
+        yield batch
 
 
 class NonFiniteError(RuntimeError):
@@ -121,7 +137,7 @@ class Trainer:
         t, s = self.cfg.train, self.state
         self.engine.train()
         window = self._window()
-        for batch in self.train_loader:
+        for batch in _rng_neutral(self.train_loader):
             if not self._micro_step(batch, window):
                 continue
             if s.step % t.log_interval == 0:
