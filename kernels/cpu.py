@@ -15,13 +15,15 @@ from torch import Tensor
 
 from kernels.reference import ACTIVATIONS
 
-# Rough machine constants for the cost model (one thread of a 2.8 GHz AVX-512
-# Xeon, fp32, measured with d=256, f=1024). They only steer the choice between
+# Rough machine constants for the cost model (a 2-core 2.8 GHz AVX-512 Xeon,
+# fp32, measured with d=256, f=1024). They only steer the choice between
 # padding experts into one batched matmul and running them one by one; the
 # result is the same either way.
-OP_SECONDS = 8e-6            # fixed cost of one small torch op (dispatch, allocation, Python)
+OP_SECONDS = 1.5e-5          # fixed cost of one op of a separate expert (dispatch, thread wake-up)
 FLOPS = 1e11                 # matmul throughput once rows are many
 WEIGHT_BYTES_PER_S = 1.4e10  # an expert's weights through a small-M matmul (read + pack)
+SMALL_ROWS = 64              # below this, one expert's own matmul runs this much slower than
+SMALL_PENALTY = 1.25         # the same rows inside a batched one
 SINGLE_OPS = 4               # ops of an unpadded expert: slice, addmm, act, addmm
 PADDED_OPS = 9               # ops of a padded run: positions, pad, 2 x baddbmm, act, gather, ...
 
@@ -46,7 +48,7 @@ def plan_segments(counts: list[int], d_model: int, d_ff: int, elem_bytes: int = 
         return max(c * flop_row, weight)
 
     def single(c: int) -> float:
-        return SINGLE_OPS * OP_SECONDS + unit(c)
+        return SINGLE_OPS * OP_SECONDS + unit(c) * (SMALL_PENALTY if c < SMALL_ROWS else 1.0)
 
     segments: list[tuple[int, int, int]] = []
     run: list[int] = []  # counts of the open run
