@@ -79,10 +79,10 @@ def train_cmd(corpus: Corpus, out_dir: Path, ds_config: str, overrides: dict, po
               config: str = "conf/tiny_moe.yaml", launcher: str = "torchrun",
               script: str = "launch/train.py") -> list[str]:
     bin_dir = Path(sys.executable).parent
-    if launcher == "torchrun":
-        head = [str(bin_dir / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(port)]
-    else:
-        head = [str(bin_dir / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port)]
+    heads = {"torchrun": [str(bin_dir / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(port)],
+             "deepspeed": [str(bin_dir / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port)],
+             "python": [sys.executable]}  # one plain process
+    head = heads[launcher]
     cmd = [*head, script, "--config", config, "--deepspeed_config", ds_config,
            "--train-shards", str(corpus.train), "--cv-shards", str(corpus.cv), "--out-dir", str(out_dir)]
     for k, v in overrides.items():
