@@ -137,6 +137,7 @@ class Trainer:
         t, s = self.cfg.train, self.state
         self.engine.train()
         window = self._window()
+        stopped = False
         for batch in _rng_neutral(self.train_loader):
             if not self._micro_step(batch, window):
                 continue
@@ -144,10 +145,15 @@ class Trainer:
                 self._log(window)
                 window = self._window()
             if self._done():
-                return False
+                stopped = True
+                break
             if t.checkpoint_interval and s.step % t.checkpoint_interval == 0:
+                started = time.perf_counter()
                 self._save(f"step_{s.step}", s.epoch, None)
-        return True
+                window.start += time.perf_counter() - started  # frames/s counts training time only
+        if window.batches:
+            self._log(window)
+        return not stopped
 
     def _window(self) -> _Window:
         return _Window(len(self.layer_names), self.num_experts, self.info.device)
