@@ -12,8 +12,10 @@ differentiable (the backward of an all-to-all is the all-to-all with the splits
 swapped), so expert gradients land on the owning rank and token gradients on
 the rank that routed the token.
 
-Only split sizes cross to the host (an all-to-all needs them); a rank that
-routes no tokens still takes part in every exchange with zero-row blocks.
+Only split sizes cross to the host (an all-to-all needs them). Every rank
+takes part in every exchange, forward and backward, with zero-row blocks when
+it routes no tokens or its experts receive none: a rank that skipped one
+backward exchange would pair its next one with a different layer's.
 """
 from __future__ import annotations
 
@@ -88,4 +90,9 @@ def expert_parallel_grouped(grouped: Callable[[Tensor, Tensor], Tensor], rows: T
                             group: dist.ProcessGroup) -> Tensor:
     """``grouped(rows, counts)`` over the experts of the whole group: same rows in, same rows out."""
     local_rows, local_counts, exchange = dispatch(rows, counts, group)
-    return combine(grouped(local_rows, local_counts), exchange)
+    out = grouped(local_rows, local_counts)
+    if local_rows.numel() == 0 and local_rows.requires_grad and not out.requires_grad:
+        # No rows for this rank's experts: a kernel may return a fresh empty tensor, cutting the
+        # graph. Reattach it (adds 0) so this rank still joins both backward exchanges its peers make.
+        out = out + local_rows.sum()
+    return combine(out, exchange)

@@ -30,17 +30,20 @@ def _worker(rank: int, port: int, counts: tuple[int, int], starve_rank: int | No
         torch.manual_seed(0)
         part = MoEFeedForward(D, F, E, K, ep_size=2, ep_rank=rank)
         part.set_expert_parallel_group(dist.group.WORLD)
-        if starve_rank is not None:  # no token picks the starved rank's experts
+        g = torch.Generator().manual_seed(1)
+        x_all = torch.randn(sum(counts), D, generator=g)
+        if starve_rank is not None:  # positive inputs and very negative gate rows: no token picks these experts
+            x_all = x_all.abs() + 0.1
             with torch.no_grad():
                 for layer in (whole, part):
                     layer.router.gate.weight[starve_rank * 2:(starve_rank + 1) * 2] = -5.0
-        g = torch.Generator().manual_seed(1)
-        x_all = torch.randn(sum(counts), D, generator=g)
         w_all = torch.randn(sum(counts), D, generator=g)
         x_all.requires_grad_()
         x_all.grad = None
         (whole(x_all) * w_all).sum().backward()
         y_ref = whole(x_all).detach()
+        if starve_rank is not None:
+            assert whole.router.tokens_per_expert[starve_rank * 2:(starve_rank + 1) * 2].sum() == 0
 
         mine = slice(sum(counts[:rank]), sum(counts[:rank + 1]))
         x = x_all.detach()[mine].clone().requires_grad_()
@@ -54,8 +57,9 @@ def _worker(rank: int, port: int, counts: tuple[int, int], starve_rank: int | No
         torch.testing.assert_close(router_grad, whole.router.gate.weight.grad, rtol=1e-5, atol=1e-5)
         local = slice(rank * 2, rank * 2 + 2)
         for name in ("w1", "b1", "w2", "b2"):
-            torch.testing.assert_close(getattr(part.experts, name).grad, getattr(whole.experts, name).grad[local],
-                                       rtol=1e-5, atol=1e-5, msg=name)
+            param = getattr(part.experts, name)
+            grad = param.grad if param.grad is not None else torch.zeros_like(param)  # experts without rows
+            torch.testing.assert_close(grad, getattr(whole.experts, name).grad[local], rtol=1e-5, atol=1e-5, msg=name)
     finally:
         dist.destroy_process_group()
 
