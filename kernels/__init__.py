@@ -19,7 +19,7 @@ from torch import Tensor
 
 from kernels import cpu
 
-__all__ = ["DispatchPlan", "make_plan", "permute", "unpermute", "grouped_ffn", "grouped_mm",
+__all__ = ["DispatchPlan", "make_plan", "permute", "unpermute", "grouped_ffn", "grouped_mm", "moe_ffn",
            "resolve_backend", "triton_available"]
 
 
@@ -110,6 +110,27 @@ def grouped_ffn(rows: Tensor, counts: Tensor, w1: Tensor, b1: Tensor, w2: Tensor
         from kernels.autograd import grouped_ffn as triton_grouped_ffn
         return triton_grouped_ffn(rows, counts, w1, b1, w2, b2, activation, dropout if training else 0.0)
     return cpu.grouped_ffn(rows, counts, w1, b1, w2, b2, activation, dropout, training)
+
+
+def moe_ffn(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+            activation: str = "swish", dropout: float = 0.0, training: bool = False,
+            backend: str = "auto") -> Tensor:
+    """The whole local MoE: ``y[n] = sum_j weights[n, j] * FFN_{experts[n, j]}(x[n])``.
+
+    For when all experts are local (no all-to-all between dispatch and
+    experts): the backend may fuse the steps. On the torch backend, a few
+    tokens over one padded run of experts skip the sort altogether
+    (:func:`kernels.cpu.moe_ffn_small`); otherwise this is
+    ``make_plan -> permute -> grouped_ffn -> unpermute``.
+    """
+    name = resolve_backend(x, backend)
+    if name == "torch":
+        y = cpu.moe_ffn_small(x, experts, weights, w1, b1, w2, b2, activation, dropout, training)
+        if y is not None:
+            return y
+    plan = make_plan(experts, w1.shape[0], name)
+    rows = grouped_ffn(permute(x, plan, name), plan.counts, w1, b1, w2, b2, activation, dropout, training, name)
+    return unpermute(rows, plan, weights, name)
 
 
 def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, bias: Tensor | None = None,

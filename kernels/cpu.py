@@ -166,3 +166,50 @@ def unpermute(rows: Tensor, inverse: Tensor, weights: Tensor) -> Tensor:
     n, k = weights.shape
     gathered = rows.index_select(0, inverse).view(n, k, rows.shape[-1])
     return torch.bmm(weights.to(rows.dtype).unsqueeze(1), gathered).squeeze(1)
+
+
+SMALL_ASSIGNMENTS = 512  # up to this many (token, slot) pairs, moe_ffn_small plans on the host
+
+
+def moe_ffn_small(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
+                  b2: Tensor, activation: str = "swish", dropout: float = 0.0,
+                  training: bool = False) -> Tensor | None:
+    """The whole local MoE for a few tokens (streaming chunks), in about 20 torch ops.
+
+    When the assignments are few and :func:`plan_segments` makes one padded
+    run of them, there is no sort: each (token, slot) gets its padded slot
+    ``(e - first) * C + rank`` on the host, the tokens are gathered straight
+    into the padded ``[n, C, d]`` input (empty slots read an appended zero
+    row), and the combine gathers the k outputs of each token from the padded
+    output and sums them with the router weights in one ``bmm``. Returns None
+    when that does not apply (the caller takes the general path). Differentiable.
+    """
+    n, k = experts.shape
+    if n * k > SMALL_ASSIGNMENTS or n == 0:
+        return None
+    num_experts, d, d_ff = w1.shape
+    flat = experts.reshape(-1).tolist()
+    counts = [0] * num_experts
+    rank = []
+    for e in flat:
+        rank.append(counts[e])
+        counts[e] += 1
+    segments = plan_segments(counts, d, d_ff, x.element_size())
+    if len(segments) != 1:
+        return None
+    first, last, cap = segments[0]
+    ne = last - first
+    dst = [(e - first) * cap + r for e, r in zip(flat, rank)]   # padded slot of each assignment
+    src = [n] * (ne * cap)                                      # token of each padded slot (n: zero row)
+    for a, slot in enumerate(dst):
+        src[slot] = a // k
+    index = torch.tensor(dst + src, device=x.device)
+    x_ext = torch.cat([x, x.new_zeros(1, d)])
+    xp = x_ext.index_select(0, index[n * k:]).view(ne, cap, d)
+    inplace = not (torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad))
+    h = _act(activation, torch.baddbmm(b1[first:last].unsqueeze(1), xp, w1[first:last]), inplace)
+    if training and dropout > 0:
+        h = F.dropout(h, dropout, True)
+    y = torch.baddbmm(b2[first:last].unsqueeze(1), h, w2[first:last]).view(ne * cap, -1)
+    picked = y.index_select(0, index[:n * k]).view(n, k, -1)
+    return torch.bmm(weights.to(y.dtype).unsqueeze(1), picked).squeeze(1)

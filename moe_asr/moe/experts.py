@@ -59,6 +59,14 @@ class Experts(nn.Module):
         return kernels.grouped_ffn(rows, counts, self.w1, self.b1, self.w2, self.b2,
                                    self.activation_name, self.dropout, self.training)
 
+    def moe(self, x: Tensor, experts: Tensor, weights: Tensor) -> Tensor:
+        """Route, run and combine in one call, for when every expert is local (no all-to-all).
+
+        ``x [N, d]``, ``experts [N, k]`` local ids, ``weights [N, k]``; the kernels may fuse the steps.
+        """
+        return kernels.moe_ffn(x, experts, weights, self.w1, self.b1, self.w2, self.b2,
+                               self.activation_name, self.dropout, self.training)
+
     def loop(self, rows: Tensor, counts: Tensor) -> Tensor:
         """Same as :meth:`grouped`, one expert at a time (the reference)."""
         out = rows.new_empty(rows.shape[0], self.w2.shape[-1])

@@ -92,11 +92,10 @@ class MoEFeedForward(nn.Module):
         expert order + counts per expert out to the owning ranks) and back
         before ``unpermute``.
         """
+        if self.ep_group is None:  # all experts local: the kernels may fuse permute/experts/combine
+            return self.experts.moe(x, routing.experts, routing.weights)
         plan = make_plan(routing.experts, self.num_experts)
-        if self.ep_group is None:
-            rows = self.experts.grouped(permute(x, plan), plan.counts)
-        else:
-            rows = expert_parallel_grouped(self.experts.grouped, permute(x, plan), plan.counts, self.ep_group)
+        rows = expert_parallel_grouped(self.experts.grouped, permute(x, plan), plan.counts, self.ep_group)
         return unpermute(rows, plan, routing.weights)
 
     def _deepspeed_moe(self, x: Tensor) -> Tensor:
