@@ -16,6 +16,7 @@ and CV loss; the newest ``keep`` are kept plus the best by CV loss.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -76,7 +77,7 @@ class Checkpointer:
         return [CheckpointInfo(**c) for c in json.loads(path.read_text())] if path.is_file() else []
 
     def best(self) -> Optional[CheckpointInfo]:
-        scored = [c for c in self.index() if c.cv_loss is not None]
+        scored = [c for c in self.index() if c.cv_loss is not None and math.isfinite(c.cv_loss)]
         return min(scored, key=lambda c: c.cv_loss) if scored else None
 
     def save(self, info: CheckpointInfo, trainer_state: dict[str, Any]) -> None:
@@ -89,7 +90,7 @@ class Checkpointer:
             index = [c for c in self.index() if c.tag != info.tag] + [info]
             _write_atomic(self.root / INDEX, json.dumps([asdict(c) for c in index], indent=1))
             _write_atomic(self.root / LATEST, info.tag)
-            self._prune(index)
+            self._prune(index)  # only after latest has moved: the previous latest may go
         dist.barrier()
 
     def _prune(self, index: list[CheckpointInfo]) -> None:

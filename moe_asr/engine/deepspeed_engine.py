@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import deepspeed
 import torch
 
 from moe_asr.config import ConfigError, ExperimentConfig
@@ -50,7 +51,7 @@ def deepspeed_config(path: str | Path, train: TrainConfig) -> dict:
 
 @dataclass
 class TrainingModel:
-    engine: "deepspeed.DeepSpeedEngine"  # noqa: F821 - imported lazily
+    engine: deepspeed.DeepSpeedEngine
     model: U2PPModel
     moe_layers: dict[str, DeepSpeedMoEFeedForward]  # by module name
     zero_stage: int
@@ -58,8 +59,6 @@ class TrainingModel:
 
 def build_engine(cfg: ExperimentConfig, ds_config: dict, info: DistInfo) -> TrainingModel:
     """Build this rank's model (its experts only), make DeepSpeed see its MoE layers, and wrap it."""
-    import deepspeed
-
     moe = cfg.model.moe
     if moe.ep_size > 1 and moe.impl != "grouped":
         raise ConfigError(f"model.moe.ep_size={moe.ep_size} needs model.moe.impl: grouped (got {moe.impl})")

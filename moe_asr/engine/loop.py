@@ -160,7 +160,7 @@ class Trainer:
 
     def _micro_step(self, batch: Batch, window: _Window) -> bool:
         """Forward, backward and (at accumulation boundaries) an optimizer step; True after an optimizer step."""
-        t, s = self.cfg.train, self.state
+        s = self.state
         batch = batch.to(self.info.device)
         out = self.engine(batch.feats.to(self.dtype), batch.feats_lengths, batch.targets, batch.target_lengths)
         self._count_routing(window)
@@ -195,13 +195,13 @@ class Trainer:
                 f"{self.cfg.train.max_consecutive_nonfinite})")
 
     def _count_routing(self, window: _Window) -> None:
-        layers = self.tm.moe_layers.values()
-        if not layers:
-            return
-        tokens = torch.stack([m.router.tokens_per_expert for m in layers])
+        routers = [m.router for m in self.tm.moe_layers.values()]
+        if not routers or any(r.tokens_per_expert is None for r in routers):
+            return  # no MoE layers, or impl 'deepspeed' (DeepSpeed's gate routes and records nothing)
+        tokens = torch.stack([r.tokens_per_expert for r in routers])
         window.tokens += tokens
         self.tokens_total += tokens.cpu()
-        window.entropy += torch.stack([m.router.entropy.double() for m in layers])
+        window.entropy += torch.stack([r.entropy.double() for r in routers])
 
     def _log(self, window: _Window) -> None:
         """All-reduce the window and hand rank 0 the means (losses, entropy) and sums (frames, tokens)."""
