@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--round-seconds", type=float, default=0.1)
     ap.add_argument("--clock", choices=("wall", "process"), default="wall",
                     help="process: CPU time of this process (with --threads 1, immune to being descheduled)")
+    ap.add_argument("--rows", type=int, nargs="+", help="run only these rows (0-based) of the preset")
+    ap.add_argument("--no-header", action="store_true", help="print result rows only (to append runs)")
     ap.add_argument("--gemm", action="store_true", help="also time the grouped GEMM alone (cuda)")
     ap.add_argument("--json", help="write all results to this file")
     args = ap.parse_args(argv)
@@ -245,15 +247,19 @@ def main(argv: list[str] | None = None) -> None:
             impls.remove("deepspeed")
     if "dense" not in impls:
         impls.append("dense")
-    print(f"# device={args.device} dtype={dtype} threads={torch.get_num_threads()} clock={args.clock} "
+    header = print if not args.no_header else (lambda *a, **k: None)
+    header(f"# device={args.device} dtype={dtype} threads={torch.get_num_threads()} clock={args.clock} "
           f"torch={torch.__version__} "
           f"load={os.getloadavg()[0]:.2f}", flush=True)
-    print("| experts | tokens | routing | pass | d | ffn | touched | top share | " +
+    header("| experts | tokens | routing | pass | d | ffn | touched | top share | " +
           " | ".join(f"{i} ms (x dense)" for i in impls) + " | grouped TFLOP/s |" +
           (" floor ms (x dense) | grouped / floor |" if args.device == "cpu" else ""))
-    print("|" + "---|" * (9 + len(impls) + (2 if args.device == "cpu" else 0)), flush=True)
+    header("|" + "---|" * (9 + len(impls) + (2 if args.device == "cpu" else 0)), flush=True)
     everything = []
-    for case in cases(args.preset, args.d):
+    todo = cases(args.preset, args.d)
+    if args.rows:
+        todo = [todo[i] for i in args.rows]
+    for case in todo:
         res, stats = run_case(case, impls, args.device, dtype, args.rounds, args.round_seconds)
         by = {r.impl: r for r in res}
         cols = " | ".join(f"{by[i].ms:.3f} ({by[i].x_dense:.2f}x)" for i in impls)
@@ -268,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.gemm and args.device == "cuda":
         print()
         print("\n".join(gemm_bench(args.device, dtype, args.rounds, args.round_seconds)), flush=True)
-    print(f"# load at end={os.getloadavg()[0]:.2f}")
+    header(f"# load at end={os.getloadavg()[0]:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(everything, f, indent=1)
