@@ -53,13 +53,14 @@ class TrainLogger:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def train(self, step: int, epoch: int, losses: dict[str, float], lr: float, frames_per_s: float,
+    def train(self, step: int, epoch: int, losses: dict[str, float], lr: float, frames: float, seconds: float,
               skipped: int, tokens: torch.Tensor, entropy: torch.Tensor) -> None:
         """One log interval: mean losses, LR, throughput, and per MoE layer the routed tokens and entropy."""
         if not self.enabled:
             return
-        self._record({"step": step, "epoch": epoch, **losses, "lr": lr, "frames_per_s": frames_per_s,
-                      "skipped": skipped})
+        frames_per_s = frames / seconds
+        self._record({"step": step, "epoch": epoch, **losses, "lr": lr, "frames": frames, "seconds": seconds,
+                      "frames_per_s": frames_per_s, "skipped": skipped})
         for name, value in {**losses, "lr": lr, "frames_per_s": frames_per_s, "skipped_steps": skipped}.items():
             self.writer.add_scalar(f"train/{name}", value, step)
         for name, counts, h in zip(self.layer_names, tokens.tolist(), entropy.tolist()):

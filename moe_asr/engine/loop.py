@@ -214,7 +214,7 @@ class Trainer:
         entropy = packed[n_loss + 2:n_loss + 2 + n_layers] / max(batches, 1)
         tokens = packed[n_loss + 2 + n_layers:].long().view(n_layers, self.num_experts)
         elapsed = time.perf_counter() - window.start
-        self.logger.train(self.state.step, self.state.epoch, losses, self.engine.get_lr()[0], frames / elapsed,
+        self.logger.train(self.state.step, self.state.epoch, losses, self.engine.get_lr()[0], frames, elapsed,
                           self.engine.skipped_steps + self.state.nonfinite_losses, tokens, entropy)
 
     @torch.no_grad()
