@@ -76,6 +76,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     from moe_asr.engine.logging import setup_console
     from moe_asr.engine.loop import Trainer
 
+    tokenizer = Tokenizer.from_config(cfg.data.tokenizer)
+    if tokenizer.vocab_size != cfg.model.vocab_size:
+        # The model's <sos/eos> id is vocab_size - 1: a mismatch trains silently wrong targets.
+        raise ConfigError(f"{args.config}: model.vocab_size is {cfg.model.vocab_size}, but the symbol table "
+                          f"{cfg.data.tokenizer.symbol_table} has {tokenizer.vocab_size} entries")
     ds_config = deepspeed_config(args.deepspeed_config, cfg.train)
     info = init_distributed()
     setup_console(info.rank)
@@ -88,7 +93,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
-    tokenizer = Tokenizer.from_config(cfg.data.tokenizer)
     trainer = Trainer(cfg, tm, build_loader(cfg.data, "train", tokenizer), build_loader(cfg.data, "cv", tokenizer),
                       out_dir, info)
     tag = trainer.checkpointer.latest_tag() if args.resume in (None, "latest") else args.resume

@@ -49,3 +49,16 @@ def test_too_many_nonfinite_in_a_row_stop_with_an_error(small_corpus, tmp_path, 
     assert result.returncode != 0
     assert "NonFiniteError: 3 consecutive steps had a non-finite loss or gradient" in result.stderr
     assert not (tmp_path / "checkpoints" / "latest").exists()
+
+
+@pytest.mark.slow
+def test_vocab_size_must_match_the_symbol_table(small_corpus, tmp_path, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    overrides = _overrides(small_corpus, 5)
+    vocab = overrides["model.vocab_size"] + 1
+    cmd = train_cmd(small_corpus, tmp_path, "ds_configs/zero0_cpu.json",
+                    {**overrides, "model.moe.ep_size": 1, "model.vocab_size": vocab}, 0, launcher="python")
+    result = run_training(cmd, check=False)
+    assert result.returncode != 0
+    assert f"model.vocab_size is {vocab}, but the symbol table" in result.stderr
