@@ -67,16 +67,6 @@ class Experts(nn.Module):
         return kernels.moe_ffn(x, experts, weights, self.w1, self.b1, self.w2, self.b2,
                                self.activation_name, self.dropout, self.training)
 
-    def loop(self, rows: Tensor, counts: Tensor) -> Tensor:
-        """Same as :meth:`grouped`, one expert at a time (the reference)."""
-        out = rows.new_empty(rows.shape[0], self.w2.shape[-1])
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                out[start:start + n] = self.ffn(rows[start:start + n], e)
-            start += n
-        return out
-
     def extra_repr(self) -> str:
         e, d, f = self.w1.shape
         return (f"num_experts={self.num_experts}, local={e} from {self.first_expert}, d_model={d}, "
