@@ -16,7 +16,10 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["moe_asr", "moe_asr.*", "kernels", "kernels.*"]),
+    # The folder kernels/ installs as `moe_asr_kernels`: the name `kernels` belongs to another PyPI project.
+    packages=find_packages(include=["moe_asr", "moe_asr.*"])
+    + ["moe_asr_kernels"] + [f"moe_asr_kernels.{p}" for p in find_packages("kernels")],
+    package_dir={"moe_asr_kernels": "kernels"},
     install_requires=[r for r in requirements if not r.startswith("pytest")],
     entry_points={"console_scripts": ["moe-asr=moe_asr.cli:main"]},
 )

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from kernels import cpu
+from . import cpu
+from .cpu import inverse_permutation
 
-__all__ = ["DispatchPlan", "make_plan", "permute", "unpermute", "grouped_ffn", "grouped_mm", "moe_ffn",
+__all__ = ["DispatchPlan", "inverse_permutation", "make_plan", "permute", "unpermute", "grouped_ffn", "grouped_mm", "moe_ffn",
            "resolve_backend", "triton_available"]
 
 
@@ -62,7 +63,7 @@ def make_plan(experts: Tensor, num_experts: int, backend: str = "auto") -> Dispa
     """Sort the assignments ``experts [N, k]`` by expert (stable: token order kept within an expert)."""
     k = experts.shape[1]
     if resolve_backend(experts, backend) == "triton":
-        from kernels.triton.permute import sort_by_expert
+        from .triton.permute import sort_by_expert
     else:
         sort_by_expert = cpu.sort_by_expert
     order, inverse, counts = sort_by_expert(experts, num_experts)
@@ -72,7 +73,7 @@ def make_plan(experts: Tensor, num_experts: int, backend: str = "auto") -> Dispa
 def permute(x: Tensor, plan: DispatchPlan, backend: str = "auto") -> Tensor:
     """Rows of ``x [N, d]`` in expert order: ``[N*k, d]`` (differentiable)."""
     if resolve_backend(x, backend) == "triton":
-        from kernels.autograd import permute as triton_permute
+        from .autograd import permute as triton_permute
         return triton_permute(x, plan.order, _inverse(plan), plan.top_k)
     return cpu.permute(x, plan.tokens)
 
@@ -84,16 +85,14 @@ def unpermute(rows: Tensor, plan: DispatchPlan, weights: Tensor, backend: str = 
     """
     inverse = _inverse(plan)
     if resolve_backend(rows, backend) == "triton":
-        from kernels.autograd import unpermute as triton_unpermute
+        from .autograd import unpermute as triton_unpermute
         return triton_unpermute(rows, inverse, weights)
     return cpu.unpermute(rows, inverse, weights)
 
 
 def _inverse(plan: DispatchPlan) -> Tensor:
     if plan.inverse is None:
-        import torch
-        plan.inverse = torch.empty_like(plan.order)
-        plan.inverse[plan.order] = torch.arange(plan.order.numel(), device=plan.order.device)
+        plan.inverse = cpu.inverse_permutation(plan.order)
     return plan.inverse
 
 
@@ -107,7 +106,7 @@ def grouped_ffn(rows: Tensor, counts: Tensor, w1: Tensor, b1: Tensor, w2: Tensor
     Hidden dropout ``dropout`` applies when ``training``.
     """
     if resolve_backend(rows, backend) == "triton":
-        from kernels.autograd import grouped_ffn as triton_grouped_ffn
+        from .autograd import grouped_ffn as triton_grouped_ffn
         return triton_grouped_ffn(rows, counts, w1, b1, w2, b2, activation, dropout if training else 0.0)
     return cpu.grouped_ffn(rows, counts, w1, b1, w2, b2, activation, dropout, training)
 
@@ -137,8 +136,9 @@ def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, bias: Tensor | None = None,
                activation: str = "identity", backend: str = "auto") -> Tensor:
     """``act(x[rows of e] @ w[e] + bias[e])`` for every expert e, one launch on the triton backend."""
     if resolve_backend(x, backend) == "triton":
-        from kernels.autograd import grouped_linear
+        from .autograd import grouped_linear
         return grouped_linear(x, w, bias, counts, activation)
-    from kernels.reference import ACTIVATIONS, grouped_mm_loop
+    from .activations import ACTIVATIONS
+    from .reference import grouped_mm_loop
     counts = counts.tolist() if isinstance(counts, Tensor) else list(counts)
     return ACTIVATIONS[activation](grouped_mm_loop(x, w, counts, bias))

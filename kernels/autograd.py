@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.triton.grouped_gemm import grouped_gemm, grouped_wgrad
-from kernels.triton.permute import gather_rows
-from kernels.triton.unpermute import combine, combine_backward
+from .triton.grouped_gemm import grouped_gemm, grouped_wgrad
+from .triton.permute import gather_rows
+from .triton.unpermute import combine, combine_backward
 
 
 class _GroupedFFN(torch.autograd.Function):
@@ -77,7 +77,7 @@ class _GroupedLinear(torch.autograd.Function):
 def _act_grad(name: str, z: Tensor) -> Tensor:
     with torch.enable_grad():
         zz = z.detach().float().requires_grad_()
-        from kernels.reference import ACTIVATIONS
+        from .activations import ACTIVATIONS
         (g,) = torch.autograd.grad(ACTIVATIONS[name](zz).sum(), zz)
     return g.to(z.dtype)
 

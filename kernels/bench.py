@@ -73,12 +73,13 @@ def cases(preset: str, d_list: list[int]) -> list[Case]:
 
 
 def build(case: Case, impl: str, device: str, dtype: torch.dtype, seed: int = 0):
+    from moe_asr.moe.config import MoEConfig
     from moe_asr.moe.layer import MoEFeedForward
     torch.manual_seed(seed)
     if impl == "dense":
-        layer = MoEFeedForward(case.d, case.k * case.ffn, num_experts=1, top_k=1)
+        layer = MoEFeedForward(case.d, case.k * case.ffn, MoEConfig(num_experts=1, top_k=1))
     else:
-        layer = MoEFeedForward(case.d, case.ffn, case.experts, case.k, impl=impl)
+        layer = MoEFeedForward(case.d, case.ffn, MoEConfig(case.experts, case.k, impl=impl))
     layer = layer.to(device=device, dtype=dtype)
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(case.tokens, case.d, generator=gen)
@@ -181,7 +182,7 @@ def run_case(case: Case, impls, device, dtype, rounds, round_s) -> tuple[list[Re
 
 def gemm_bench(device: str, dtype: torch.dtype, rounds: int, round_s: float) -> list[str]:
     """GPU only: the grouped GEMM alone vs ``torch.bmm`` (uniform groups) and a per-expert loop (skewed)."""
-    import kernels
+    import moe_asr_kernels as kernels
     lines = ["| shape | routing | grouped TFLOP/s | bmm TFLOP/s | loop TFLOP/s | grouped/bmm | grouped/loop |",
              "|---|---|---|---|---|---|---|"]
     for e, m_per, k, n in [(8, 4096, 1024, 4096), (64, 1024, 1024, 4096), (64, 512, 2048, 8192),

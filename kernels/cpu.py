@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.reference import ACTIVATIONS
+from .activations import ACTIVATIONS
 
 # Rough machine constants for the cost model (a 2-core 2.8 GHz AVX-512 Xeon,
 # fp32, measured with d=256, f=1024). They only steer the choice between
@@ -142,6 +142,13 @@ def _starts(counts: list[int]) -> list[int]:
     return out
 
 
+def inverse_permutation(order: Tensor) -> Tensor:
+    """``inverse`` with ``inverse[order[i]] = i``: where each element of a permutation went."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse
+
+
 def sort_by_expert(experts: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
     """Stable sort of the flat (token, slot) assignments of ``experts [N, k]``.
 
@@ -150,10 +157,7 @@ def sort_by_expert(experts: Tensor, num_experts: int) -> tuple[Tensor, Tensor, T
     """
     flat = experts.flatten()
     order = torch.argsort(flat, stable=True)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    counts = torch.bincount(flat, minlength=num_experts)
-    return order, inverse, counts
+    return order, inverse_permutation(order), torch.bincount(flat, minlength=num_experts)
 
 
 def permute(x: Tensor, tokens: Tensor) -> Tensor:

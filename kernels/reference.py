@@ -8,24 +8,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ACTIVATIONS = {"swish": F.silu, "silu": F.silu, "relu": F.relu, "gelu": F.gelu, "identity": lambda x: x}
+from .activations import ACTIVATIONS
+
 
 
 def expert_ffn(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, e: int,
-               activation: str = "swish") -> Tensor:
-    """Expert ``e`` on rows ``x [M, d]``: ``act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]``."""
-    h = ACTIVATIONS[activation](x @ w1[e] + b1[e])
-    return h @ w2[e] + b2[e]
+               activation: str = "swish", dropout: float = 0.0, training: bool = False) -> Tensor:
+    """Expert ``e`` on rows ``x [M, d]``: ``dropout(act(x @ w1[e] + b1[e])) @ w2[e] + b2[e]``."""
+    h = ACTIVATIONS[activation](torch.addmm(b1[e], x, w1[e]))
+    h = F.dropout(h, dropout, training)
+    return torch.addmm(b2[e], h, w2[e])
 
 
 def moe_loop(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
-             b2: Tensor, activation: str = "swish") -> Tensor:
-    """WeNet's loop: each expert gathers its tokens, runs, and adds its weighted output back."""
+             b2: Tensor, activation: str = "swish", dropout: float = 0.0, training: bool = False) -> Tensor:
+    """WeNet's loop: each expert gathers its tokens, runs, and adds its weighted output back.
+
+    ``experts [N, k]`` are indices into the leading dimension of the weights.
+    """
     out = x.new_zeros(x.shape[0], w2.shape[-1])
     for e in range(w1.shape[0]):
         tokens, slot = (experts == e).nonzero(as_tuple=True)
         if tokens.numel():
-            y = expert_ffn(x[tokens], w1, b1, w2, b2, e, activation)
+            y = expert_ffn(x[tokens], w1, b1, w2, b2, e, activation, dropout, training)
             out = out.index_add(0, tokens, weights[tokens, slot, None].to(x.dtype) * y)
     return out
 

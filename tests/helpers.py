@@ -1,5 +1,6 @@
 """Small configs shared by the tests."""
-from moe_asr.model.config import DecoderConfig, EncoderConfig, ModelConfig, MoEConfig
+from moe_asr.model.config import DecoderConfig, EncoderConfig, ModelConfig
+from moe_asr.moe.config import MoEConfig
 
 
 def tiny_config(num_experts: int = 4, top_k: int = 2, causal: bool = True, input_layer: str = "conv2d",

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_asr.config import ConfigError, load_config
+from moe_asr.engine.config import ConfigError, load_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

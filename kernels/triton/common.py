@@ -9,16 +9,6 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Activation codes shared by the kernels (constexpr ints).
-ACT_CODES = {"identity": 0, "swish": 1, "silu": 1, "relu": 2, "gelu": 3}
-
-
-def act_code(name: str) -> int:
-    try:
-        return ACT_CODES[name]
-    except KeyError:
-        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACT_CODES)}") from None
-
 
 def input_precision(dtype: torch.dtype) -> str:
     """fp32 matmuls follow torch's setting: IEEE unless TF32 was allowed."""

@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.common import INTERPRET, act_code, act_grad, apply_act, input_precision, next_pow2
+from ..activations import code as act_code
+from .common import INTERPRET, act_grad, apply_act, input_precision, next_pow2
 
 
 def _configs():

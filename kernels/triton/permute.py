@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.common import next_pow2
+from .common import next_pow2
 
 BLOCK = 128
 

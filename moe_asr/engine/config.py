@@ -1,4 +1,11 @@
-"""Train section of the experiment config: how long, how fast, how often to save and log.
+"""The experiment config (one YAML, a section per stage) and its train section.
+
+``ExperimentConfig`` composes the sections, each a dataclass beside the code
+that uses it (``data/config.py``, ``model/config.py``, ``moe/config.py``); it
+lives here because the engine is what runs an experiment, so nothing below
+the engine needs to know the whole config.
+
+Train section: how long, how fast, how often to save and log.
 
 Optimisation hyper-parameters (AdamW, the learning-rate schedule, clipping,
 gradient accumulation) live here, with the model they suit, and not in the
@@ -11,9 +18,14 @@ steps, inverse-square-root decay, clip 5).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
-from moe_asr.schema import check
+from moe_asr.data.config import DataConfig
+from moe_asr.model.config import ModelConfig
+from moe_asr.schema import ConfigError, check, dump_yaml, load_yaml
+
+__all__ = ["ExperimentConfig", "TrainConfig", "ConfigError", "load_config", "save_config"]
 
 
 @dataclass
@@ -69,3 +81,18 @@ class TrainConfig:
     def schedule_steps(self) -> int:
         """Steps over which cosine/linear decay reach min_lr."""
         return self.decay_steps or self.max_steps
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    return load_yaml(path, ExperimentConfig)
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> None:
+    dump_yaml(config, path)

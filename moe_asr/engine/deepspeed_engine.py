@@ -14,12 +14,12 @@ from pathlib import Path
 import deepspeed
 import torch
 
-from moe_asr.config import ConfigError, ExperimentConfig
-from moe_asr.engine.config import TrainConfig
-from moe_asr.engine.distributed import DistInfo, expert_parallel_rank
-from moe_asr.engine.moe_layers import DeepSpeedMoEFeedForward, register_moe_layers
+from moe_asr.engine.config import ConfigError, ExperimentConfig, TrainConfig
+from moe_asr.engine.deepspeed_moe import prepare_moe_layers
+from moe_asr.engine.distributed import DistInfo
 from moe_asr.engine.optim import build_optimizer, build_scheduler
 from moe_asr.model.u2pp import U2PPModel, build_model
+from moe_asr.moe.layer import MoEFeedForward
 
 # Keys the engine fills from the train: section.
 TRAIN_OWNED = ("optimizer", "scheduler", "gradient_clipping", "gradient_accumulation_steps",
@@ -53,20 +53,15 @@ def deepspeed_config(path: str | Path, train: TrainConfig) -> dict:
 class TrainingModel:
     engine: deepspeed.DeepSpeedEngine
     model: U2PPModel
-    moe_layers: dict[str, DeepSpeedMoEFeedForward]  # by module name
+    moe_layers: dict[str, MoEFeedForward]  # routed layers by module name, registered as DeepSpeed MoE
     zero_stage: int
 
 
 def build_engine(cfg: ExperimentConfig, ds_config: dict, info: DistInfo) -> TrainingModel:
-    """Build this rank's model (its experts only), make DeepSpeed see its MoE layers, and wrap it."""
-    moe = cfg.model.moe
-    if moe.ep_size > 1 and moe.impl != "grouped":
-        raise ConfigError(f"model.moe.ep_size={moe.ep_size} needs model.moe.impl: grouped (got {moe.impl})")
-    ep_rank = expert_parallel_rank(moe.ep_size)
+    """Build the model, keep this rank's experts, make DeepSpeed see its MoE layers, and wrap it."""
     torch.manual_seed(cfg.train.seed)  # same dense weights on every rank, same experts for any ep_size
-    model = build_model(cfg.model, ep_rank)
-    register_moe_layers(model)
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, DeepSpeedMoEFeedForward)}
+    model = build_model(cfg.model)
+    layers = prepare_moe_layers(model, cfg.model.moe.ep_size)
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     optimizer = build_optimizer(model, cfg.train, stage)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,

@@ -54,23 +54,6 @@ def init_distributed() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def expert_parallel_rank(ep_size: int) -> int:
-    """This rank's place in its expert-parallel group, creating DeepSpeed's expert groups if needed.
-
-    DeepSpeed's layout: ranks ``[k*ep, (k+1)*ep)`` form an expert-parallel group
-    (all-to-all), and ranks with the same place in their groups form an
-    expert-data-parallel group (expert gradients are averaged there only).
-    """
-    from deepspeed.utils import groups
-
-    name = f"ep_size_{ep_size}"
-    if dist.get_world_size() % ep_size:
-        raise ValueError(f"moe.ep_size={ep_size} does not divide the {dist.get_world_size()} ranks")
-    if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep_size)
-    return groups._get_expert_parallel_rank(name)
-
-
 def all_reduce(values: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
     """In-place all-reduce over the world; a no-op for one process."""
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -25,7 +25,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from moe_asr.config import ExperimentConfig
+from moe_asr.engine.config import ExperimentConfig
 from moe_asr.data.batch import Batch
 from moe_asr.data.loader import AsrDataLoader
 from moe_asr.engine import plots

@@ -1,9 +1,8 @@
 """AdamW with DeepSpeed's MoE parameter groups, and the warmup + decay learning-rate schedule.
 
 Parameter groups: weight matrices get weight decay, biases and norm scales do
-not; each is then split by DeepSpeed's
-``split_params_into_different_moe_groups_for_optimizer`` into a dense group
-and expert groups (``moe: True``, named by the expert-parallel group), which
+not; each is then split (``deepspeed_moe.split_moe_param_groups``) into a dense
+group and expert groups (``moe: True``, named by the expert-parallel group), which
 ZeRO 1/2 partition over the expert-data-parallel ranks.
 
 ZeRO stage 0 in fp32 steps the client optimizer directly; DeepSpeed would clip
@@ -19,12 +18,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
-from deepspeed.utils import groups
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from moe_asr.engine.config import TrainConfig
+from moe_asr.engine.deepspeed_moe import copies, is_expert_param, split_moe_param_groups
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -33,9 +31,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for p in model.parameters():
         if p.requires_grad:
             # Stacked experts carry a leading expert dimension: w1 [E, d, f] is a matrix, b1 [E, f] a bias.
-            matrix_dims = p.ndim - (1 if is_moe_param(p) else 0)
+            matrix_dims = p.ndim - (1 if is_expert_param(p) else 0)
             (decay if matrix_dims >= 2 else no_decay).append(p)
-    return split_params_into_different_moe_groups_for_optimizer([
+    return split_moe_param_groups([
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}])
 
@@ -49,10 +47,9 @@ def global_grad_norm(params: list[nn.Parameter]) -> float:
     """
     world = dist.get_world_size() if dist.is_initialized() else 1
     total = torch.zeros((), dtype=torch.float64)
-    for p in params:
+    for p, n in zip(params, copies(params)):
         if p.grad is not None:
-            copies = groups._get_expert_data_parallel_world_size(p.group_name) if is_moe_param(p) else world
-            total += p.grad.detach().double().square().sum().cpu() / copies
+            total += p.grad.detach().double().square().sum().cpu() / n
     if world > 1:
         device = params[0].grad.device if params and params[0].grad is not None else torch.device("cpu")
         total = total.to(device)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import yaml
 
-from moe_asr.config import ConfigError, ExperimentConfig, save_config
+from moe_asr.engine.config import ConfigError, ExperimentConfig, save_config
 from moe_asr.schema import from_dict
 
 log = logging.getLogger("moe_asr.train")

@@ -9,41 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from moe_asr.moe.config import MoEConfig
 from moe_asr.schema import check
 
 Activation = Literal["swish", "relu", "gelu"]
-
-
-@dataclass
-class MoEConfig:
-    """Every feed-forward layer of the model is built from this.
-
-    ``num_experts: 1, top_k: 1`` gives an ordinary dense FFN (no router), so
-    dense baselines come from the same code.
-    """
-
-    num_experts: int = 8
-    top_k: int = 2
-    # How the routed tokens reach the experts: `loop` is WeNet's per-expert
-    # loop (the reference), `grouped` sorts tokens by expert and runs grouped
-    # matmuls (Triton kernel on GPU, batched torch on CPU), `deepspeed` wraps
-    # deepspeed.moe.layer.MoE (dropless, same weights) for comparison only:
-    # top_k=2, ep_size=1, no z-loss.
-    impl: Literal["loop", "grouped", "deepspeed"] = "grouped"
-    # Optional Switch-style load-balancing loss and router z-loss; the paper uses neither.
-    aux_loss_coef: float = 0.0
-    z_loss_coef: float = 0.0
-    # Expert-parallel group size: experts of every layer are split over this many ranks.
-    ep_size: int = 1
-
-    def __post_init__(self) -> None:
-        check(self.num_experts >= 1, "num_experts", f"must be >= 1, got {self.num_experts}")
-        check(1 <= self.top_k <= self.num_experts, "top_k",
-              f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
-        check(self.aux_loss_coef >= 0 and self.z_loss_coef >= 0, "aux_loss_coef",
-              "loss coefficients must be >= 0")
-        check(self.ep_size >= 1 and self.num_experts % self.ep_size == 0, "ep_size",
-              f"must divide num_experts={self.num_experts}, got {self.ep_size}")
 
 
 @dataclass

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_asr.moe.experts import ACTIVATIONS
+from moe_asr_kernels.activations import activation as get_activation
 
 
 class ConvolutionModule(nn.Module):
@@ -27,7 +27,7 @@ class ConvolutionModule(nn.Module):
         self.use_layer_norm = norm == "layer_norm"
         self.norm = nn.LayerNorm(channels) if self.use_layer_norm else nn.BatchNorm1d(channels)
         self.pointwise_conv2 = nn.Conv1d(channels, channels, 1)
-        self.activation = ACTIVATIONS[activation]
+        self.activation = get_activation(activation)
 
     def forward(self, x: Tensor, mask_pad: Tensor, cache: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``x [B, T, C]``, ``mask_pad [B, 1, T]`` (True = valid), ``cache [B, C, lorder]``."""

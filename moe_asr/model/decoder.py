@@ -5,16 +5,17 @@ import torch
 from torch import Tensor, nn
 
 from moe_asr.model.attention import MultiHeadedAttention
-from moe_asr.model.config import DecoderConfig, MoEConfig
+from moe_asr.model.config import DecoderConfig
 from moe_asr.model.decoder_layer import DecoderLayer
 from moe_asr.model.ffn import build_ffn
 from moe_asr.model.masks import make_pad_mask, subsequent_mask
 from moe_asr.model.positional import PositionalEncoding
+from moe_asr.moe.config import MoEConfig
 
 
 class TransformerDecoder(nn.Module):
     def __init__(self, vocab_size: int, d_model: int, cfg: DecoderConfig, num_blocks: int,
-                 moe: MoEConfig, ep_rank: int = 0) -> None:
+                 moe: MoEConfig) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab_size, d_model)
         self.pos_enc = PositionalEncoding(d_model, cfg.positional_dropout_rate)
@@ -23,7 +24,7 @@ class TransformerDecoder(nn.Module):
                 d_model,
                 MultiHeadedAttention(cfg.attention_heads, d_model, cfg.self_attention_dropout_rate),
                 MultiHeadedAttention(cfg.attention_heads, d_model, cfg.src_attention_dropout_rate),
-                build_ffn(moe, d_model, cfg.linear_units, cfg.activation, cfg.dropout_rate, ep_rank),
+                build_ffn(moe, d_model, cfg.linear_units, cfg.activation, cfg.dropout_rate),
                 cfg.dropout_rate,
             )
             for _ in range(num_blocks))
@@ -53,11 +54,10 @@ class TransformerDecoder(nn.Module):
 class BiTransformerDecoder(nn.Module):
     """U2++: an L2R decoder and (when ``r_num_blocks > 0``) an R2L decoder on reversed targets."""
 
-    def __init__(self, vocab_size: int, d_model: int, cfg: DecoderConfig, moe: MoEConfig,
-                 ep_rank: int = 0) -> None:
+    def __init__(self, vocab_size: int, d_model: int, cfg: DecoderConfig, moe: MoEConfig) -> None:
         super().__init__()
-        self.left_decoder = TransformerDecoder(vocab_size, d_model, cfg, cfg.num_blocks, moe, ep_rank)
-        self.right_decoder = (TransformerDecoder(vocab_size, d_model, cfg, cfg.r_num_blocks, moe, ep_rank)
+        self.left_decoder = TransformerDecoder(vocab_size, d_model, cfg, cfg.num_blocks, moe)
+        self.right_decoder = (TransformerDecoder(vocab_size, d_model, cfg, cfg.r_num_blocks, moe)
                               if cfg.r_num_blocks > 0 else None)
 
     def forward(self, memory: Tensor, memory_mask: Tensor, ys_in: Tensor, ys_in_lens: Tensor,

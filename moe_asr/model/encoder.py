@@ -15,13 +15,14 @@ from torch import Tensor, nn
 
 from moe_asr.model.attention import RelPositionMultiHeadedAttention
 from moe_asr.model.cmvn import GlobalCMVN
-from moe_asr.model.config import EncoderConfig, MoEConfig
+from moe_asr.model.config import EncoderConfig
 from moe_asr.model.convolution import ConvolutionModule
 from moe_asr.model.encoder_layer import ConformerEncoderLayer
 from moe_asr.model.ffn import build_ffn
 from moe_asr.model.masks import chunk_attention_mask, make_pad_mask, sample_dynamic_chunk
 from moe_asr.model.positional import RelPositionalEncoding
 from moe_asr.model.subsampling import RATES, Conv2dSubsampling
+from moe_asr.moe.config import MoEConfig
 
 
 @dataclass
@@ -36,7 +37,7 @@ class StreamState:
 
 class ConformerEncoder(nn.Module):
     def __init__(self, cfg: EncoderConfig, input_dim: int, moe: MoEConfig,
-                 cmvn: GlobalCMVN | None = None, ep_rank: int = 0) -> None:
+                 cmvn: GlobalCMVN | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         d = cfg.output_size
@@ -45,7 +46,7 @@ class ConformerEncoder(nn.Module):
         self.pos_enc = RelPositionalEncoding(d, cfg.positional_dropout_rate)
 
         def ffn() -> nn.Module:
-            return build_ffn(moe, d, cfg.linear_units, cfg.activation, cfg.dropout_rate, ep_rank)
+            return build_ffn(moe, d, cfg.linear_units, cfg.activation, cfg.dropout_rate)
 
         self.encoders = nn.ModuleList(
             ConformerEncoderLayer(

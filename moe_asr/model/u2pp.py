@@ -18,16 +18,19 @@ from moe_asr.model.loss import label_smoothing_loss, token_accuracy
 from moe_asr.model.targets import add_sos_eos, reverse_padded
 from moe_asr.moe.layer import MoEFeedForward
 
+# The loss and its parts, as `U2PPModel.forward` returns them (the engine logs and plots these).
+LOSS_KEYS = ("loss", "loss_ctc", "loss_l2r", "loss_r2l")
+
 
 class U2PPModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, cmvn: GlobalCMVN | None = None, ep_rank: int = 0) -> None:
+    def __init__(self, cfg: ModelConfig, cmvn: GlobalCMVN | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.vocab_size = cfg.vocab_size
         self.sos = self.eos = cfg.vocab_size - 1
-        self.encoder = ConformerEncoder(cfg.encoder, cfg.input_dim, cfg.moe, cmvn, ep_rank)
+        self.encoder = ConformerEncoder(cfg.encoder, cfg.input_dim, cfg.moe, cmvn)
         d = cfg.encoder.output_size
-        self.decoder = BiTransformerDecoder(cfg.vocab_size, d, cfg.decoder, cfg.moe, ep_rank)
+        self.decoder = BiTransformerDecoder(cfg.vocab_size, d, cfg.decoder, cfg.moe)
         self.ctc = CTC(cfg.vocab_size, d, cfg.encoder.dropout_rate)
 
     def moe_layers(self) -> list[MoEFeedForward]:
@@ -66,7 +69,7 @@ class U2PPModel(nn.Module):
         return out
 
 
-def build_model(cfg: ModelConfig, ep_rank: int = 0, load_cmvn: bool = True) -> U2PPModel:
+def build_model(cfg: ModelConfig, load_cmvn: bool = True) -> U2PPModel:
     """The model for ``cfg``. ``load_cmvn=False`` makes placeholder CMVN buffers
     (for loading a checkpoint, which carries the real statistics)."""
     cmvn = None
@@ -74,4 +77,4 @@ def build_model(cfg: ModelConfig, ep_rank: int = 0, load_cmvn: bool = True) -> U
         d = cfg.input_dim
         cmvn = (GlobalCMVN.from_json(cfg.cmvn, d) if load_cmvn
                 else GlobalCMVN(torch.zeros(d), torch.ones(d)))
-    return U2PPModel(cfg, cmvn, ep_rank)
+    return U2PPModel(cfg, cmvn)

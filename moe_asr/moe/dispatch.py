@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-import kernels
-from kernels import DispatchPlan
+import moe_asr_kernels as kernels
+from moe_asr_kernels import DispatchPlan
 
 __all__ = ["DispatchPlan", "make_plan", "permute", "unpermute"]
 

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from moe_asr_kernels import inverse_permutation
+
 __all__ = ["Exchange", "dispatch", "combine", "expert_parallel_grouped"]
 
 
@@ -80,9 +82,7 @@ def dispatch(rows: Tensor, counts: Tensor, group: dist.ProcessGroup) -> tuple[Te
 
 def combine(rows: Tensor, exchange: Exchange) -> Tensor:
     """Expert outputs ``rows`` (in :func:`dispatch`'s order) back to the ranks that routed them."""
-    inverse = torch.empty_like(exchange.order)
-    inverse[exchange.order] = torch.arange(exchange.order.numel(), device=inverse.device)
-    source_major = rows.index_select(0, inverse)
+    source_major = rows.index_select(0, inverse_permutation(exchange.order))
     return _AllToAll.apply(source_major, exchange.send_splits, exchange.recv_splits, exchange.group)
 
 

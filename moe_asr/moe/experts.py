@@ -4,52 +4,59 @@ Each expert is the usual position-wise FFN ``w2(dropout(act(w1 x + b1))) + b2``.
 The weights of the local experts are stored as ``w1 [E, d, f]``, ``b1 [E, f]``,
 ``w2 [E, f, d]``, ``b2 [E, d]`` (``x @ w`` layout) instead of E separate
 ``nn.Linear`` modules, so the grouped path reads them without stacking copies.
-Expert parameters carry DeepSpeed's MoE markers (``allreduce=False``,
-``group_name``) so its optimizer grouping and gradient reduction treat them as
-expert-parallel.
+A model is always built with all E experts (the same weights for a given
+seed, whatever the training layout); the training engine then keeps one
+rank's share with :meth:`Experts.shard`.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-import kernels
+import moe_asr_kernels as kernels
+from moe_asr_kernels.activations import activation as get_activation
+from moe_asr_kernels.reference import expert_ffn, moe_loop
 
-ACTIVATIONS = {"swish": F.silu, "relu": F.relu, "gelu": F.gelu}
+PARAMS = ("w1", "b1", "w2", "b2")
 
 
 class Experts(nn.Module):
     def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "swish",
-                 dropout: float = 0.0, ep_size: int = 1, ep_rank: int = 0) -> None:
+                 dropout: float = 0.0) -> None:
         super().__init__()
-        if num_experts % ep_size:
-            raise ValueError(f"num_experts={num_experts} is not divisible by ep_size={ep_size}")
+        get_activation(activation)  # an unknown name fails here, not at the first forward
         self.num_experts = num_experts
-        self.num_local = num_experts // ep_size
-        self.first_expert = ep_rank * self.num_local
+        self.ep_size = 1
+        self.first_expert = 0
         self.activation_name = activation
-        self.activation = ACTIVATIONS[activation]
         self.dropout = dropout
-        local = slice(self.first_expert, self.first_expert + self.num_local)
-        # Initialise all E experts, keep the local slice: a model has the same
-        # experts for a given seed whatever its ep_size.
-        self.w1 = nn.Parameter(_linear_init((num_experts, d_model, d_ff), d_model)[local].clone())
-        self.b1 = nn.Parameter(_linear_init((num_experts, d_ff), d_model)[local].clone())
-        self.w2 = nn.Parameter(_linear_init((num_experts, d_ff, d_model), d_ff)[local].clone())
-        self.b2 = nn.Parameter(_linear_init((num_experts, d_model), d_ff)[local].clone())
-        if num_experts > 1:
-            for p in self.parameters():
-                p.allreduce = False
-                p.group_name = f"ep_size_{ep_size}"
+        self.w1 = nn.Parameter(_linear_init((num_experts, d_model, d_ff), d_model))
+        self.b1 = nn.Parameter(_linear_init((num_experts, d_ff), d_model))
+        self.w2 = nn.Parameter(_linear_init((num_experts, d_ff, d_model), d_ff))
+        self.b2 = nn.Parameter(_linear_init((num_experts, d_model), d_ff))
+
+    @property
+    def num_local(self) -> int:
+        return self.w1.shape[0]
+
+    def shard(self, rank: int, size: int) -> None:
+        """Keep only the experts ``[rank * E/size, (rank + 1) * E/size)`` of an expert-parallel group."""
+        if self.ep_size != 1:
+            raise RuntimeError(f"experts are already sharded (ep_size={self.ep_size})")
+        if self.num_experts % size or not 0 <= rank < size:
+            raise ValueError(f"cannot give rank {rank} of {size} a share of {self.num_experts} experts")
+        local = self.num_experts // size
+        keep = slice(rank * local, (rank + 1) * local)
+        for name in PARAMS:
+            setattr(self, name, nn.Parameter(getattr(self, name).data[keep].clone()))
+        self.ep_size, self.first_expert = size, rank * local
 
     def ffn(self, x: Tensor, e: int) -> Tensor:
         """Local expert ``e`` on rows ``x [M, d]``."""
-        h = self.activation(torch.addmm(self.b1[e], x, self.w1[e]))
-        h = F.dropout(h, self.dropout, self.training)
-        return torch.addmm(self.b2[e], h, self.w2[e])
+        return expert_ffn(x, self.w1, self.b1, self.w2, self.b2, e, self.activation_name, self.dropout,
+                          self.training)
 
     def grouped(self, rows: Tensor, counts: Tensor) -> Tensor:
         """All local experts on expert-sorted ``rows [M, d]``; ``counts [E_local]`` rows each.
@@ -66,6 +73,11 @@ class Experts(nn.Module):
         """
         return kernels.moe_ffn(x, experts, weights, self.w1, self.b1, self.w2, self.b2,
                                self.activation_name, self.dropout, self.training)
+
+    def loop(self, x: Tensor, experts: Tensor, weights: Tensor) -> Tensor:
+        """The same as :meth:`moe` by WeNet's per-expert loop: the reference path."""
+        return moe_loop(x, experts, weights, self.w1, self.b1, self.w2, self.b2, self.activation_name,
+                        self.dropout, self.training)
 
     def extra_repr(self) -> str:
         e, d, f = self.w1.shape

@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import torch
 
-from moe_asr.config import load_config
+from moe_asr.engine.config import load_config
 from moe_asr.model.config import ModelConfig
 from moe_asr.model.u2pp import build_model
 from moe_asr.moe.layer import MoEFeedForward
@@ -46,8 +46,7 @@ def _component(name: str) -> str:
 
 
 def count_parameters(cfg: ModelConfig) -> dict:
-    """Totals and the per-component breakdown for ``cfg`` (all experts, ep_size ignored)."""
-    cfg.moe.ep_size = 1
+    """Totals and the per-component breakdown for ``cfg`` (a model is built with all its experts)."""
     with torch.device("meta"):
         model = build_model(cfg, load_cmvn=False)
     breakdown: dict[str, int] = defaultdict(int)

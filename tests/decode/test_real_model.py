@@ -8,7 +8,8 @@ from decode_doubles import exhaustive_best, sequence_score
 from moe_asr.decode.attention import attention_beam_search
 from moe_asr.decode.ctc import ctc_prefix_beam_search
 from moe_asr.decode.search import METHODS, decode
-from moe_asr.model.config import DecoderConfig, EncoderConfig, ModelConfig, MoEConfig
+from moe_asr.model.config import DecoderConfig, EncoderConfig, ModelConfig
+from moe_asr.moe.config import MoEConfig
 from moe_asr.model.u2pp import U2PPModel, build_model
 
 VOCAB = 6

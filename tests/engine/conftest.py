@@ -108,3 +108,22 @@ def gather_checkpoint(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     for f in sorted(ckpt_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
         state.update(torch.load(f, map_location="cpu", weights_only=False))
     return state
+
+
+@pytest.fixture(scope="session")
+def one_rank() -> None:
+    """A one-rank gloo world in this process (DeepSpeed's expert groups need one).
+
+    The launcher variables that ``init_distributed`` sets are removed again, so
+    training runs started from the tests get a clean environment.
+    """
+    import torch.distributed as dist
+
+    from moe_asr.engine.distributed import init_distributed
+
+    if not dist.is_initialized():
+        saved = dict(os.environ)
+        init_distributed()
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR"):
+            if key not in saved:
+                os.environ.pop(key, None)

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_asr.config import ConfigError
-from moe_asr.engine.config import TrainConfig
+from moe_asr.engine.config import ConfigError, TrainConfig
 from moe_asr.engine.deepspeed_engine import deepspeed_config
-from moe_asr.engine.moe_layers import DeepSpeedMoEFeedForward, register_moe_layers
+from moe_asr.engine.deepspeed_moe import gather_experts, prepare_moe_layers
 from moe_asr.engine.optim import WarmupDecay, param_groups
 from moe_asr.engine.train import load_experiment
 from moe_asr.model.u2pp import build_model
@@ -68,16 +67,19 @@ def test_overrides_are_validated():
         load_experiment("conf/tiny_moe.yaml", ["train.learning_rate=1"])
 
 
-def test_moe_layers_show_deepspeed_keys_and_load_back():
+def test_moe_layers_show_deepspeed_keys_and_load_back(one_rank):
     """DeepSpeed's per-expert key layout out, our stacked layout in: a state dict round trip is exact."""
     from deepspeed.moe.layer import MoE
 
     torch.manual_seed(0)
     model = build_model(tiny_config(num_experts=4))
     stacked = {k: v.clone() for k, v in model.state_dict().items()}
-    layers = register_moe_layers(model)
-    assert layers and all(isinstance(m, MoE) and isinstance(m, DeepSpeedMoEFeedForward) for m in layers)
+    plain = [p for p in model.parameters() if hasattr(p, "allreduce") or hasattr(p, "group_name")]
+    assert not plain, "a model built for decoding carries no DeepSpeed markers"
+    layers = list(prepare_moe_layers(model, 1).values())
+    assert layers and all(isinstance(m, MoE) for m in layers)
     assert layers[0].num_local_experts == 4 and layers[0].expert_group_name == "ep_size_1"
+    assert layers[0].experts.w1.allreduce is False and layers[0].experts.w1.group_name == "ep_size_1"
     state = model.state_dict()
     name = next(k for k in stacked if k.endswith("experts.w1"))
     prefix = name[:-len("experts.w1")]
@@ -85,15 +87,26 @@ def test_moe_layers_show_deepspeed_keys_and_load_back():
     for e in range(4):
         torch.testing.assert_close(state[f"{prefix}deepspeed_moe.experts.deepspeed_experts.{e}.w1"], stacked[name][e])
     fresh = build_model(tiny_config(num_experts=4))
-    register_moe_layers(fresh)
+    prepare_moe_layers(fresh, 1)
     fresh.load_state_dict(state)
-    register_moe_layers(model)  # idempotent
     for k, v in fresh.state_dict().items():
         torch.testing.assert_close(v, state[k])
+    # The reader's mapping (no DeepSpeed needed) gives back the stacked layout exactly.
+    back = gather_experts(state, "test")
+    assert back.keys() == stacked.keys()
+    for k, v in stacked.items():
+        torch.testing.assert_close(back[k], v)
 
 
-def test_weight_decay_spares_biases_and_norms():
+def test_gather_experts_names_a_missing_expert():
+    state = {f"enc.ff.deepspeed_moe.experts.deepspeed_experts.{e}.w1": torch.zeros(2, 3) for e in (0, 1, 3)}
+    with pytest.raises(FileNotFoundError, match=r"ckpt/x: layer enc.ff has no w1 for expert\(s\) \[2\]"):
+        gather_experts(state, "ckpt/x")
+
+
+def test_weight_decay_spares_biases_and_norms(one_rank):
     model = build_model(tiny_config(num_experts=4))
+    prepare_moe_layers(model, 1)
     groups = param_groups(model, 0.1)
     by_id = {id(p): g for g in groups for p in g["params"]}
     experts = model.moe_layers()[0].experts

@@ -1,7 +1,7 @@
 """The expert-parallel exchange is exact: an MoE layer split over 2 ranks computes what the whole layer does.
 
-Every rank builds the whole layer (ep_size=1) and its half (ep_size=2, same seed:
-same experts) and runs the whole layer on the global batch locally as the
+Every rank builds the whole layer and a copy sharded to its half of the experts
+(``MoEFeedForward.shard``, as the engine does) and runs the whole layer on the global batch locally as the
 reference; the split layers exchange rows with gloo all-to-all. Outputs, token
 gradients, router gradients (summed over ranks) and the local experts'
 gradients must match, including a rank that routes no tokens and a rank whose
@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from moe_asr.moe.config import MoEConfig
 from moe_asr.moe.layer import MoEFeedForward
 
 D, F, E, K = 12, 20, 4, 2
@@ -26,10 +27,10 @@ def _worker(rank: int, port: int, counts: tuple[int, int], starve_rank: int | No
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         torch.manual_seed(0)
-        whole = MoEFeedForward(D, F, E, K)
-        torch.manual_seed(0)
-        part = MoEFeedForward(D, F, E, K, ep_size=2, ep_rank=rank)
-        part.set_expert_parallel_group(dist.group.WORLD)
+        whole = MoEFeedForward(D, F, MoEConfig(E, K))
+        part = MoEFeedForward(D, F, MoEConfig(E, K))
+        part.load_state_dict(whole.state_dict())
+        part.shard(dist.group.WORLD, rank, 2)
         g = torch.Generator().manual_seed(1)
         x_all = torch.randn(sum(counts), D, generator=g)
         if starve_rank is not None:  # positive inputs and very negative gate rows: no token picks these experts
@@ -74,12 +75,7 @@ def test_split_layer_equals_whole_layer(counts, starve_rank, port):
     mp.spawn(_worker, args=(port, counts, starve_rank), nprocs=2)
 
 
-def test_expert_parallelism_needs_grouped_impl_and_matching_group():
-    layer = MoEFeedForward(D, F, E, K, impl="loop", ep_size=2)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29524")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        with pytest.raises(ValueError, match="impl='grouped'"):
-            layer.set_expert_parallel_group(dist.group.WORLD)
-    finally:
-        dist.destroy_process_group()
+def test_expert_parallelism_needs_a_matching_group(one_rank):
+    layer = MoEFeedForward(D, F, MoEConfig(E, K))
+    with pytest.raises(ValueError, match="expert-parallel group of 1 ranks for ep_size=2"):
+        layer.shard(dist.group.WORLD, 0, 2)

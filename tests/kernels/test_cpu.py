@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from kernels import cpu, make_plan, permute, unpermute
-from kernels.reference import grouped_ffn_loop, moe_loop, sort_by_expert, unpermute_loop
+from moe_asr_kernels import cpu, make_plan, permute, unpermute
+from moe_asr_kernels.reference import grouped_ffn_loop, moe_loop, sort_by_expert, unpermute_loop
 
 
 def _weights(e, d, f, seed=0, dtype=torch.float32):
@@ -105,7 +105,7 @@ def test_whole_moe_matches_wenet_loop():
                                               (12, 2, 6, True, True), (300, 2, 4, False, False)])
 def test_moe_ffn_fused_small_path_matches_loop(n, k, e, skew, fuses):
     """The sort-free path for a few tokens (one padded run) and the general path both equal the loop."""
-    import kernels
+    import moe_asr_kernels as kernels
     torch.manual_seed(n)
     d, f = 6, 10
     w = _weights(e, d, f, seed=n)

@@ -9,8 +9,8 @@ import torch
 
 pytest.importorskip("triton")
 
-import kernels  # noqa: E402
-from kernels.reference import grouped_ffn_loop, grouped_mm_loop, moe_loop, unpermute_loop  # noqa: E402
+import moe_asr_kernels as kernels  # noqa: E402
+from moe_asr_kernels.reference import grouped_ffn_loop, grouped_mm_loop, moe_loop, unpermute_loop  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -169,12 +169,13 @@ def test_whole_moe_against_wenet_loop(n, k, e, skew):
 
 def test_moe_layer_on_triton_kernels_equals_loop(monkeypatch):
     """MoEFeedForward(impl='grouped') on the Triton kernels == impl='loop': forward, backward, 3 Adam steps."""
+    from moe_asr.moe.config import MoEConfig
     from moe_asr.moe.layer import MoEFeedForward
     monkeypatch.setenv("MOE_KERNELS_BACKEND", "triton")
     assert kernels.resolve_backend(torch.zeros(1)) == "triton"
     torch.manual_seed(8)
-    a = MoEFeedForward(12, 20, 8, 2, impl="grouped").to(DEVICE)
-    b = MoEFeedForward(12, 20, 8, 2, impl="loop").to(DEVICE)
+    a = MoEFeedForward(12, 20, MoEConfig(8, 2, impl="grouped")).to(DEVICE)
+    b = MoEFeedForward(12, 20, MoEConfig(8, 2, impl="loop")).to(DEVICE)
     b.load_state_dict(a.state_dict())
     opt_a = torch.optim.Adam(a.parameters(), lr=1e-2)
     opt_b = torch.optim.Adam(b.parameters(), lr=1e-2)

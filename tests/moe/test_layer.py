@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_asr.moe.config import MoEConfig
 from moe_asr.moe.dispatch import make_plan, permute, unpermute
 from moe_asr.moe.layer import MoEFeedForward
 from moe_asr.moe.router import TopKRouter, load_balancing_loss
@@ -12,8 +13,8 @@ from moe_asr.moe.router import TopKRouter, load_balancing_loss
 def _pair(num_experts: int, top_k: int, seed: int = 0, impl: str = "grouped",
           **kw) -> tuple[MoEFeedForward, MoEFeedForward]:
     torch.manual_seed(seed)
-    a = MoEFeedForward(12, 20, num_experts, top_k, impl=impl, **kw)
-    b = MoEFeedForward(12, 20, num_experts, top_k, impl="loop", **kw)
+    a = MoEFeedForward(12, 20, MoEConfig(num_experts, top_k, impl=impl, **kw))
+    b = MoEFeedForward(12, 20, MoEConfig(num_experts, top_k, impl="loop", **kw))
     b.load_state_dict(a.state_dict())
     return a, b
 
@@ -53,7 +54,7 @@ def test_skewed_routing_one_expert_takes_all():
 
 def test_one_expert_is_a_dense_ffn():
     torch.manual_seed(0)
-    moe = MoEFeedForward(12, 20, num_experts=1, top_k=1, activation="relu")
+    moe = MoEFeedForward(12, 20, MoEConfig(num_experts=1, top_k=1), activation="relu")
     assert moe.router is None
     dense = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 12))
     with torch.no_grad():
@@ -84,7 +85,7 @@ def test_router_is_wenet_gate():
 
 def test_gradient_reaches_every_expert_that_received_tokens():
     torch.manual_seed(2)
-    moe = MoEFeedForward(12, 20, 8, 2)
+    moe = MoEFeedForward(12, 20, MoEConfig(8, 2))
     x = torch.randn(6, 12)
     used = set(moe.router(x)[0].experts.flatten().tolist())
     moe(x).square().sum().backward()
@@ -109,26 +110,33 @@ def test_aux_losses():
     experts = torch.tensor([[0, 1], [2, 3], [0, 1], [2, 3]])
     torch.testing.assert_close(load_balancing_loss(probs, experts, 4), torch.tensor(1.0))
     torch.manual_seed(3)
-    moe = MoEFeedForward(12, 20, 8, 2, aux_loss_coef=0.01, z_loss_coef=0.001)
+    moe = MoEFeedForward(12, 20, MoEConfig(8, 2, aux_loss_coef=0.01, z_loss_coef=0.001))
     moe(torch.randn(10, 12))
     assert moe.aux_loss.requires_grad and moe.aux_loss.item() > 0
 
 
-def test_expert_init_independent_of_ep_size():
+def test_shard_keeps_one_ranks_experts():
     torch.manual_seed(4)
-    full = MoEFeedForward(12, 20, 8, 2)
-    torch.manual_seed(4)
-    half = MoEFeedForward(12, 20, 8, 2, ep_size=2, ep_rank=1)
+    full = MoEFeedForward(12, 20, MoEConfig(8, 2))
+    half = MoEFeedForward(12, 20, MoEConfig(8, 2))
+    half.load_state_dict(full.state_dict())
+    half.shard(None, rank=1, size=2)
     torch.testing.assert_close(half.experts.w1, full.experts.w1[4:])
     torch.testing.assert_close(half.experts.b2, full.experts.b2[4:])
     torch.testing.assert_close(half.router.gate.weight, full.router.gate.weight)
-    assert half.experts.w1.allreduce is False and half.experts.w1.group_name == "ep_size_2"
+    assert half.experts.num_local == 4 and half.experts.first_expert == 4 and half.experts.ep_size == 2
+    with pytest.raises(RuntimeError, match="no expert-parallel group"):
+        half(torch.randn(3, 12))
+    with pytest.raises(RuntimeError, match="already sharded"):
+        half.shard(None, rank=0, size=2)
+    with pytest.raises(ValueError, match="rank 2 of 2"):
+        MoEFeedForward(12, 20, MoEConfig(8, 2)).shard(None, rank=2, size=2)
 
 
 @pytest.mark.parametrize("impl", ["loop", "grouped"])
 def test_padding_is_not_routed(impl):
     torch.manual_seed(5)
-    moe = MoEFeedForward(12, 20, 8, 2, impl=impl).train()
+    moe = MoEFeedForward(12, 20, MoEConfig(8, 2, impl=impl)).train()
     x = torch.randn(2, 6, 12)
     valid = torch.tensor([[True] * 6, [True] * 2 + [False] * 4])
     y_all = moe(x)
@@ -160,6 +168,14 @@ def test_short_training_run_matches_loop(impl):
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_unknown_impl_is_refused():
-    with pytest.raises(ValueError, match="unknown MoE impl"):
-        MoEFeedForward(12, 20, 8, 2, impl="megablocks")
+def test_moe_config_rules_name_the_key():
+    from moe_asr.schema import ConfigError
+
+    for kwargs, message in [({"impl": "megablocks"}, "impl: 'megablocks' is not one of"),
+                            ({"num_experts": 1, "top_k": 2}, "top_k: must be in"),
+                            ({"ep_size": 3}, "ep_size: must divide"),
+                            ({"ep_size": 2, "impl": "loop"}, "ep_size: expert parallelism .* needs impl: grouped"),
+                            ({"impl": "deepspeed", "top_k": 1}, "impl: deepspeed is a comparison path"),
+                            ({"impl": "deepspeed", "ep_size": 2}, "ep_size: expert parallelism")]:
+        with pytest.raises(ConfigError, match=message):
+            MoEConfig(**kwargs)
