@@ -176,17 +176,18 @@ def read_deepspeed_model(tag_dir: Path) -> dict[str, Tensor]:
     model_file = tag_dir / MODEL_FILE
     if not model_file.is_file():
         raise FileNotFoundError(f"{tag_dir}: not a DeepSpeed checkpoint (no {MODEL_FILE})")
-    state = dict(_load(model_file)["module"])
+    state = dict(load_file(model_file)["module"])
     for f in sorted(tag_dir.glob(EXPERT_FILE_GLOB)):
-        state.update(_load(f))
+        state.update(load_file(f))
     return gather_experts(state, str(tag_dir))
 
 
-def _load(path: Path) -> Any:
+def load_file(path: Path) -> Any:
+    """``torch.load`` on CPU; a damaged file is one error naming it, whatever torch raised."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
-        raise RuntimeError(f"{path}: cannot read this checkpoint file ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path}: cannot read this checkpoint file ({type(e).__name__}: {e})") from None
 
 
 def split_moe_param_groups(param_groups: list[dict]) -> list[dict]:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 from moe_asr.data.manifest import Utterance
 from moe_asr.data.shards import SHARD_LIST, write_shards
@@ -100,14 +99,6 @@ def run_training(cmd: list[str], timeout: float = 300, check: bool = True) -> su
 
 def read_metrics(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def gather_checkpoint(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """Every parameter of a checkpoint, experts included, keyed as DeepSpeed wrote them (global expert ids)."""
-    state = dict(torch.load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"])
-    for f in sorted(ckpt_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
-        state.update(torch.load(f, map_location="cpu", weights_only=False))
-    return state
 
 
 @pytest.fixture(scope="session")

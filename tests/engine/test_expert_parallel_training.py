@@ -16,7 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.engine.conftest import SMALL_MODEL, data_overrides, gather_checkpoint, read_metrics, run_training, train_cmd
+from moe_asr.engine.deepspeed_moe import read_deepspeed_model
+from tests.engine.conftest import SMALL_MODEL, data_overrides, read_metrics, run_training, train_cmd
 
 NO_DROPOUT = {f"model.{part}.{key}": 0.0 for part in ("encoder", "decoder")
               for key in ("dropout_rate", "positional_dropout_rate")}
@@ -61,7 +62,7 @@ def test_ep2_equals_ep1(small_corpus, tmp_path, stage, port):
     moe_layers = 2 * SMALL_MODEL["model.encoder.num_blocks"] + 2  # macaron pair per block, L2R + R2L decoder
     for ckpt in (ckpt1, ckpt2):
         _check_layout(ckpt, moe_layers, SMALL_MODEL["model.moe.num_experts"])
-    p1, p2 = gather_checkpoint(ckpt1), gather_checkpoint(ckpt2)
+    p1, p2 = read_deepspeed_model(ckpt1), read_deepspeed_model(ckpt2)
     assert p1.keys() == p2.keys()
     for key in p1:
         torch.testing.assert_close(p1[key], p2[key], rtol=1e-5, atol=2e-6, msg=key)

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from tests.engine.conftest import (REPO, SMALL_MODEL, data_overrides, gather_checkpoint, read_metrics,
+from moe_asr.engine.deepspeed_moe import read_deepspeed_model
+from tests.engine.conftest import (REPO, SMALL_MODEL, data_overrides, read_metrics,
                                    run_training, train_cmd)
 
 SCRIPT = str(REPO / "tests/engine/poisoned_training.py")
@@ -31,7 +32,7 @@ def test_nonfinite_steps_are_skipped_and_counted(small_corpus, tmp_path, monkeyp
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5]
     assert [r["skipped"] for r in train] == [0, 2, 3, 3, 3]
     assert all(math.isfinite(r["loss"]) for r in train)
-    params = gather_checkpoint(tmp_path / "checkpoints" / "step_5")
+    params = read_deepspeed_model(tmp_path / "checkpoints" / "step_5")
     assert all(torch.isfinite(v).all() for v in params.values() if v.is_floating_point())
 
 

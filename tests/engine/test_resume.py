@@ -13,7 +13,8 @@ import json
 import pytest
 import torch
 
-from tests.engine.conftest import (REPO, SMALL_MODEL, data_overrides, gather_checkpoint, read_metrics,
+from moe_asr.engine.deepspeed_moe import read_deepspeed_model
+from tests.engine.conftest import (REPO, SMALL_MODEL, data_overrides, read_metrics,
                                    run_training, train_cmd)
 
 STEPS = 6
@@ -49,8 +50,8 @@ def test_resume_continues_the_same_run(small_corpus, tmp_path):
     assert [s for s, *_ in a] == [s for s, *_ in b] == list(range(1, STEPS + 1))
     for ra, rb in zip(a, b):
         assert ra == pytest.approx(rb, rel=1e-6), ra[0]
-    pa = gather_checkpoint(straight / "checkpoints" / f"step_{STEPS}")
-    pb = gather_checkpoint(split / "checkpoints" / f"step_{STEPS}")
+    pa = read_deepspeed_model(straight / "checkpoints" / f"step_{STEPS}")
+    pb = read_deepspeed_model(split / "checkpoints" / f"step_{STEPS}")
     for key in pa:
         torch.testing.assert_close(pa[key], pb[key], rtol=0, atol=1e-7, msg=key)
 

@@ -1,0 +1,121 @@
+"""Find, read and rebuild a trained model from what training left on disk, without DeepSpeed.
+
+What a path may be:
+
+* a **run directory** (``launch/train.py --out-dir``): ``train.yaml`` and
+  ``checkpoints/<tag>/``; the tag is ``latest`` unless one is given;
+* a **checkpoints directory** (``<run>/checkpoints``) or one **checkpoint tag**
+  directory (``<run>/checkpoints/<tag>``); the config is the run's ``train.yaml``;
+* a **consolidated file** (:func:`save_model`): one ``torch.save`` of the whole
+  model state (experts stacked, fp32), the resolved experiment config and a
+  format tag, enough on its own to rebuild the model.
+
+DeepSpeed writes the model in pieces (``mp_rank_00_model_states.pt`` without
+experts, one file per global expert); ``engine.deepspeed_moe`` owns that
+layout and reads it back with plain ``torch.load``, so ZeRO stage and
+ep_size do not matter here: model weights are whole in those files for ZeRO 0-2.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from moe_asr.engine.checkpoint import LATEST
+from moe_asr.engine.config import ExperimentConfig, load_config
+from moe_asr.engine.deepspeed_moe import MODEL_FILE, load_file, read_deepspeed_model
+from moe_asr.model.u2pp import U2PPModel, build_model
+from moe_asr.schema import ConfigError, from_dict, to_dict
+
+FORMAT = "moe-asr/model/1"
+CONFIG = "train.yaml"
+
+
+@dataclass
+class LoadedModel:
+    model: U2PPModel       # eval mode, fp32, on the requested device
+    config: ExperimentConfig
+    source: Path           # the consolidated file or the checkpoint tag directory read
+
+
+def _tag_dir(path: Path, tag: Optional[str]) -> tuple[Path, Path]:
+    """``(tag directory, train.yaml)`` for a run, checkpoints or tag directory."""
+    if (path / MODEL_FILE).is_file():
+        if tag is not None:
+            raise ValueError(f"{path}: is already checkpoint {path.name!r}; --tag {tag} does not apply")
+        return path, path.parent.parent / CONFIG
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if not (root / LATEST).is_file() and not any((d / MODEL_FILE).is_file() for d in root.iterdir()):
+        raise FileNotFoundError(f"{path}: not a run directory, a checkpoints directory or a checkpoint "
+                                f"(no checkpoints/, {LATEST} or {MODEL_FILE})")
+    if tag is None:
+        if not (root / LATEST).is_file():
+            tags = sorted(d.name for d in root.iterdir() if (d / MODEL_FILE).is_file())
+            raise FileNotFoundError(f"{root}: no {LATEST} file; pick a tag: {tags}")
+        tag = (root / LATEST).read_text().strip()
+    tag_dir = root / tag
+    if not (tag_dir / MODEL_FILE).is_file():
+        raise FileNotFoundError(f"{tag_dir}: no such checkpoint (no {MODEL_FILE})")
+    return tag_dir, root.parent / CONFIG
+
+
+def read_model_state(path: str | Path, tag: Optional[str] = None
+                     ) -> tuple[dict[str, Tensor], ExperimentConfig, Path]:
+    """The whole model state (experts stacked, fp32 on CPU), the experiment config and what was read."""
+    path = Path(path)
+    if path.is_file():
+        blob = load_file(path)
+        if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a moe-asr model file (format {FORMAT!r})")
+        try:
+            config = from_dict(ExperimentConfig, blob["config"])
+        except ConfigError as e:
+            raise ConfigError(f"{path}: config inside the model file: {e}") from None
+        return _fp32(blob["model"]), config, path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    tag_dir, config_path = _tag_dir(path, tag)
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: the run's config is missing (needed to rebuild the model "
+                                f"of {tag_dir})")
+    return _fp32(read_deepspeed_model(tag_dir)), load_config(config_path), tag_dir
+
+
+def load_model(path: str | Path, tag: Optional[str] = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """The trained model at ``path`` with all its experts, in eval mode (see the module doc for ``path``)."""
+    state, config, source = read_model_state(path, tag)
+    model = build_model(config.model, load_cmvn=False)  # CMVN statistics come with the weights
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{source}: weights do not fit the model of its config: missing {missing[:3]}"
+                         f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                         f"{'...' if len(unexpected) > 3 else ''}, shape (file vs config) {wrong[:3]}")
+    model.load_state_dict(state)
+    return LoadedModel(model.to(device).eval(), config, source)
+
+
+def save_model(path: str | Path, state: dict[str, Tensor], config: ExperimentConfig, **extra: Any) -> Path:
+    """Write a consolidated model file; it appears under ``path`` only once complete.
+
+    ``extra`` entries are stored beside the model (the conversion tools add theirs).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    torch.save({"format": FORMAT, "model": _fp32(state), "config": to_dict(config), **extra}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _fp32(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """bf16/fp16 training keeps half-precision module weights; decoding and conversion work in fp32."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+

@@ -1,0 +1,107 @@
+"""A trained expert-parallel run reads back without DeepSpeed and computes what the live training model did.
+
+One 2-rank run (ZeRO 2, ep_size 2: each rank holds half the experts of every
+layer) leaves a DeepSpeed checkpoint and, from the live model after its last
+step, the outputs on a fixed batch (``train_and_snapshot.py``). A fresh
+process that imports only the model, MoE, decode and checkpoint packages
+loads the run every way a user may point at it and must compute the same
+encoder outputs, CTC posteriors and hypotheses, with ``deepspeed`` never
+imported.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_asr.checkpoint import load_model, read_model_state, save_model
+from tests.checkpoint.snapshot import assert_same, snapshot
+from tests.engine.conftest import REPO, SMALL_MODEL, data_overrides, run_training, train_cmd
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def trained_run(small_corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ep2_zero2")
+    overrides = {**SMALL_MODEL, **data_overrides(small_corpus), "model.moe.ep_size": 2, "train.max_steps": 3,
+                 "train.max_epochs": 1, "train.log_interval": 1, "train.warmup_steps": 1}
+    run_training(train_cmd(small_corpus, out, str(REPO / "ds_configs/zero2_cpu.json"), overrides, 29651,
+                           script=str(HERE / "train_and_snapshot.py")))
+    return out
+
+
+@pytest.mark.slow
+def test_loads_without_deepspeed_and_equals_the_live_model(trained_run):
+    tag = (trained_run / "checkpoints" / "latest").read_text().strip()
+    code = f"""
+import sys
+from pathlib import Path
+import torch
+import moe_asr.model, moe_asr.moe, moe_asr.decode
+from moe_asr.checkpoint import load_model
+from moe_asr.moe.layer import MoEFeedForward
+sys.path.insert(0, {str(REPO)!r})
+from tests.checkpoint.snapshot import assert_same, snapshot
+
+run = Path({str(trained_run)!r})
+live = torch.load(run / "live.pt", weights_only=False)
+ways = [(run, None), (run, {tag!r}), (run / "checkpoints", None), (run / "checkpoints" / {tag!r}, None)]
+for path, tag in ways:
+    loaded = load_model(path, tag)
+    assert loaded.source == run / "checkpoints" / {tag!r}, loaded.source
+    layers = [m for m in loaded.model.modules() if isinstance(m, MoEFeedForward)]
+    assert layers and all(type(m) is MoEFeedForward and m.experts.num_local == m.num_experts for m in layers)
+    assert not [p for p in loaded.model.parameters() if hasattr(p, "allreduce") or hasattr(p, "group_name")]
+    assert_same(live, snapshot(loaded.model, loaded.config.model.input_dim))
+leaked = sorted(m for m in sys.modules if m.split(".")[0] == "deepspeed")
+assert not leaked, leaked[:5]
+print("loaded", len(ways), "ways")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "loaded 4 ways" in result.stdout
+
+
+@pytest.mark.slow
+def test_consolidated_file_round_trip(trained_run, tmp_path):
+    state, config, source = read_model_state(trained_run)
+    experts = next(v for k, v in state.items() if k.endswith("experts.w1"))
+    assert experts.shape[0] == SMALL_MODEL["model.moe.num_experts"], "every expert, from both ranks' files"
+    path = save_model(tmp_path / "model.pt", state, config)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"], "no partial file left behind"
+    loaded = load_model(path)
+    assert loaded.source == path
+    live = torch.load(trained_run / "live.pt", weights_only=False)
+    assert_same(live, snapshot(loaded.model, loaded.config.model.input_dim))
+
+
+@pytest.mark.slow
+def test_bad_checkpoints_are_named(trained_run, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        load_model(tmp_path)
+    tag = (trained_run / "checkpoints" / "latest").read_text().strip()
+    broken = tmp_path / "run"
+    shutil.copytree(trained_run, broken)
+    tag_dir = broken / "checkpoints" / tag
+    (tag_dir / "layer_0_expert_1_mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"has no w1 for expert\(s\) \[1\]"):
+        load_model(broken)
+    expert = tag_dir / "layer_0_expert_2_mp_rank_00_model_states.pt"
+    expert.write_bytes(expert.read_bytes()[:100])
+    with pytest.raises(ValueError, match="layer_0_expert_2_mp_rank_00_model_states.pt: cannot read"):
+        load_model(broken)
+    (broken / "checkpoints" / "latest").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"no latest file; pick a tag: \['{tag}'"):
+        load_model(broken)
+    state, config, _ = read_model_state(trained_run)
+    config.model.encoder.num_blocks += 1
+    with pytest.raises(ValueError, match=r"weights do not fit the model of its config: missing \['encoder.encoders.2"):
+        load_model(save_model(tmp_path / "mismatch.pt", state, config))
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="junk.pt: cannot read"):
+        load_model(tmp_path / "junk.pt")
