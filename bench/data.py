@@ -1,6 +1,6 @@
 """Data pipeline throughput per DataLoader worker, against the same stages written the WeNet way.
 
-``python -m moe_asr.data.bench`` builds shards from the shipped FSDD audio (or
+``python -m bench.data`` builds shards from the shipped FSDD audio (``--fsdd``, or
 takes ``--shards``), runs one training epoch through this package's pipeline
 and through a per-sample generator chain doing the same work in WeNet's order
 (tar -> decode -> tokenize -> filter -> resample -> speed -> fbank -> SpecAugment
@@ -38,7 +38,8 @@ from moe_asr.data.shards import read_shard_list, write_shards
 from moe_asr.data.tokenizer import Tokenizer, train_tokenizer
 from moe_asr.schema import from_dict
 
-FSDD = Path(__file__).resolve().parents[2] / "../shared/data/fsdd/recordings"
+# The shared data folder sits next to the repository; --fsdd points elsewhere.
+FSDD = (Path(__file__).resolve().parents[1] / "../shared/data/fsdd/recordings").resolve()
 DIGITS = "zero one two three four five six seven eight nine".split()
 
 
@@ -216,11 +217,9 @@ def bench_config(shard_list: str, units: str) -> DataConfig:
                                                    "sort_size": 100}})
 
 
-def make_fsdd_shards(out: Path, utts: int, concat: int, per_shard: int) -> tuple[str, str]:
-    """Shards of ``utts`` utterances, each ``concat`` consecutive FSDD recordings joined (longer audio)."""
-    if not FSDD.resolve().is_dir():
-        raise SystemExit(f"FSDD recordings not found at {FSDD.resolve()} (the shared data folder)")
-    files = sorted(FSDD.resolve().glob("*.wav"))
+def make_fsdd_shards(fsdd: Path, out: Path, utts: int, concat: int, per_shard: int) -> tuple[str, str]:
+    """Shards of ``utts`` utterances, each ``concat`` random FSDD recordings joined (longer audio)."""
+    files = sorted(fsdd.glob("*.wav"))
     rng = random.Random(0)
     items = []
     for i in range(utts):
@@ -306,8 +305,9 @@ def trainer_wait(shard_list: str, units: str, train_config: str, steps: int, num
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.data", description=__doc__.splitlines()[0])
     p.add_argument("--shards", help="shard list (default: built from FSDD)")
+    p.add_argument("--fsdd", type=Path, default=FSDD, help="FSDD recordings folder (default: %(default)s)")
     p.add_argument("--units", help="symbol table for --shards")
     p.add_argument("--utts", type=int, default=600, help="utterances built from FSDD")
     p.add_argument("--concat", type=int, default=1, help="FSDD recordings joined per utterance")
@@ -324,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
             if not units:
                 p.error("--units is required with --shards")
         else:
-            shard_list, units = make_fsdd_shards(Path(tmp), args.utts, args.concat, args.per_shard)
+            fsdd = args.fsdd.resolve()
+            if not fsdd.is_dir():
+                raise SystemExit(f"{p.prog}: FSDD recordings not found at {fsdd}: pass --fsdd DIR or --shards")
+            shard_list, units = make_fsdd_shards(fsdd, Path(tmp), args.utts, args.concat, args.per_shard)
         result = {"throughput": throughput(shard_list, units, args.repeats)}
         if args.train_config:
             result["trainer"] = trainer_wait(shard_list, units, args.train_config, args.steps, args.num_workers)

@@ -3,7 +3,7 @@
 # benchmark tables. Installs nothing; run from anywhere, on a machine with
 # torch + triton (deepspeed optional: skipped if missing).
 #
-#   OUT=/some/dir kernels/bench_gpu.sh          # results under $OUT (default ./bench_gpu_out)
+#   OUT=/some/dir bench/gpu.sh          # results under $OUT (default ./bench_gpu_out)
 #
 # Budget: about 6 to 9 minutes on an H100/H200 (first-call autotuning included).
 set -uo pipefail
@@ -29,10 +29,10 @@ fi
 
 # 2. Grouped GEMM alone vs torch.bmm (uniform groups) and the per-expert loop (skewed), bf16;
 #    then whole-layer rows (grouped / loop / deepspeed / dense), bf16.
-timeout 420 $PY -m kernels.bench --device cuda --dtype bf16 --preset gpu --d 256 1024 --gemm \
+timeout 420 $PY -m bench.kernels --device cuda --dtype bf16 --preset gpu --d 256 1024 --gemm \
   --rounds 3 --round-seconds 0.05 --json "$OUT/bench_bf16.json" 2>&1 | tee "$OUT/bench_bf16.md"
 
 # 3. fp32 and fp16 spot checks of the layer (small grid).
-timeout 120 $PY -m kernels.bench --device cuda --dtype fp16 --preset quick --rounds 3 --round-seconds 0.05 \
+timeout 120 $PY -m bench.kernels --device cuda --dtype fp16 --preset quick --rounds 3 --round-seconds 0.05 \
   2>&1 | tee "$OUT/bench_fp16.md"
 echo "results in $OUT"

@@ -1,8 +1,8 @@
 """Benchmark of the MoE layer's implementations against a dense FFN of the same active FLOPs.
 
-    python -m kernels.bench                       # CPU: the goal shapes, fp32, 2 threads
-    python -m kernels.bench --preset full         # the whole grid (long on CPU)
-    python -m kernels.bench --device cuda --dtype bf16 --preset full --gemm
+    python -m bench.kernels                       # CPU: the goal shapes, fp32, 2 threads
+    python -m bench.kernels --preset full         # the whole grid (long on CPU)
+    python -m bench.kernels --device cuda --dtype bf16 --preset full --gemm
 
 Each row times one whole ``MoEFeedForward`` forward (router, dispatch, experts,
 combine; ``--backward`` adds forward+backward) for ``grouped`` (our kernels),
@@ -217,7 +217,8 @@ def gemm_bench(device: str, dtype: torch.dtype, rounds: int, round_s: float) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp32 on cpu, bf16 on cuda")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")

@@ -13,7 +13,7 @@ only the seconds differ. The best round of each variant is reported:
 * ``loop``: WeNet's per-expert loop (``moe.impl: loop``);
 * ``deepspeed``: ``deepspeed.moe.layer.MoE``, top-2, dropless, on the same weights.
 
-    python launch/bench_train.py --config conf/tiny_moe.yaml --deepspeed_config ds_configs/zero2_cpu.json \\
+    python -m bench.train --config conf/tiny_moe.yaml --deepspeed_config ds_configs/zero2_cpu.json \\
         --train-shards data/train/shards.list --cv-shards data/cv/shards.list --nproc 2 --steps 60 \\
         --set data.tokenizer.symbol_table=data/units.txt
 """
@@ -56,7 +56,7 @@ def run_variant(args: argparse.Namespace, overrides: list[str], out_dir: Path, p
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
     p.add_argument("--deepspeed_config", required=True)
     p.add_argument("--train-shards", required=True)

@@ -2,5 +2,5 @@
 
 manifest (utterance lists) -> shards (tar write/read) -> pipeline (one worker's plan and
 features: audio, features, batching, tokenizer) -> loader (DataLoader order, resume,
-rank sync) -> batch (the Batch contract). cmvn and bench are the offline companions.
+rank sync) -> batch (the Batch contract). cmvn is the offline companion.
 """

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_asr.data.bench import reference_pipeline
+from bench.data import reference_pipeline
 from moe_asr.data.loader import AsrDataLoader
 from moe_asr.data.shards import read_shard_list
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,10 @@ from moe_asr.engine.deepspeed_moe import gather_experts, prepare_moe_layers
 from moe_asr.engine.optim import WarmupDecay, param_groups
 from moe_asr.engine.train import load_experiment
 from moe_asr.model.u2pp import build_model
+from tests.engine.conftest import REPO
 from tests.helpers import tiny_config
+
+TINY = str(REPO / "conf" / "tiny_moe.yaml")
 
 
 def test_warmup_then_decay():
@@ -54,17 +56,17 @@ def test_deepspeed_config_is_completed_from_the_train_section(tmp_path):
 
 
 def test_shipped_deepspeed_configs_are_accepted():
-    for path in sorted(Path("ds_configs").glob("*.json")):
+    for path in sorted((REPO / "ds_configs").glob("*.json")):
         deepspeed_config(path, TrainConfig())
 
 
 def test_overrides_are_validated():
-    cfg = load_experiment("conf/tiny_moe.yaml", ["model.moe.ep_size=2", "train.lr=0.002"], train_shards="a.list")
+    cfg = load_experiment(TINY, ["model.moe.ep_size=2", "train.lr=0.002"], train_shards="a.list")
     assert cfg.model.moe.ep_size == 2 and cfg.train.lr == 0.002 and cfg.data.train_shards == "a.list"
     with pytest.raises(ConfigError, match="ep_size"):
-        load_experiment("conf/tiny_moe.yaml", ["model.moe.ep_size=3"])
+        load_experiment(TINY, ["model.moe.ep_size=3"])
     with pytest.raises(ConfigError, match="unknown key"):
-        load_experiment("conf/tiny_moe.yaml", ["train.learning_rate=1"])
+        load_experiment(TINY, ["train.learning_rate=1"])
 
 
 def test_moe_layers_show_deepspeed_keys_and_load_back(one_rank):
