@@ -30,6 +30,7 @@ import torchaudio
 from torchaudio.compliance.kaldi import fbank as kaldi_fbank
 
 from moe_asr.data.batch import Batch
+from moe_asr.symbols import IGNORE_ID
 from moe_asr.data.batching import pad
 from moe_asr.data.config import DataConfig, TokenizerConfig
 from moe_asr.data.loader import AsrDataLoader
@@ -181,7 +182,7 @@ def ref_padding(batches: Iterable[list[dict]]) -> Iterator[Batch]:
         feats = [s["feat"] for s in b]
         labels = [torch.tensor(s["label"], dtype=torch.int64) for s in b]
         yield Batch([s["key"] for s in b], pad(feats, 0.0), torch.tensor([f.size(0) for f in feats]),
-                    pad(labels, -1), torch.tensor([len(x) for x in labels]))
+                    pad(labels, IGNORE_ID), torch.tensor([len(x) for x in labels]))
 
 
 def reference_pipeline(shards: list[str], cfg: DataConfig, tokenizer: Tokenizer, train: bool,

@@ -11,8 +11,8 @@ class Batch:
     """Padded features and targets of B utterances.
 
     ``feats`` is float32 [B, T, num_mel_bins] zero-padded past ``feats_lengths``;
-    ``targets`` is int64 [B, U] padded with -1 past ``target_lengths`` (the
-    ignore id of the attention losses).
+    ``targets`` is int64 [B, U] padded with ``moe_asr.symbols.IGNORE_ID`` past
+    ``target_lengths`` (no token: every loss skips it).
     """
 
     keys: list[str]

@@ -1,9 +1,9 @@
 """Transcripts <-> token ids: text normalisation, character and sentencepiece tokenizers.
 
-Ids follow WeNet's symbol table convention, which the model relies on:
-``<blank>`` = 0 (CTC blank), ``<unk>`` = 1, the real tokens, then
-``<sos/eos>`` = vocab_size - 1. The table is a file ``units.txt`` of
-``token id`` lines; spaces are written as ``▁`` so every token is one field.
+Ids follow the special-symbol convention of ``moe_asr.symbols``, which the
+model relies on; the real tokens fill the other ids. The table is a file
+``units.txt`` of ``token id`` lines; spaces are written as ``▁`` so every token
+is one field.
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from moe_asr import symbols
 from moe_asr.data.config import TokenizerConfig
 
-BLANK, UNK, SOS_EOS = "<blank>", "<unk>", "<sos/eos>"
 SPACE = "\u2581"  # sentencepiece's word boundary mark
 
 
@@ -46,15 +46,20 @@ def read_symbol_table(path: str | Path) -> dict[str, int]:
     ids = sorted(table.values())
     if ids != list(range(len(ids))):
         raise ValueError(f"{path}: ids must be 0..{len(ids) - 1} without gaps or repeats")
-    if table.get(BLANK) != 0 or table.get(UNK) != 1 or table.get(SOS_EOS) != len(ids) - 1:
-        raise ValueError(f"{path}: needs {BLANK}=0, {UNK}=1 and {SOS_EOS}=last id")
+    special = symbols.special_ids(len(ids))
+    if any(table.get(s) != i for s, i in special.items()):
+        need = ", ".join(f"{s}={i}" for s, i in special.items())
+        raise ValueError(f"{path}: needs {need}")
     return table
 
 
 def write_symbol_table(tokens: Iterable[str], path: str | Path) -> int:
-    """Write ``<blank> <unk> tokens... <sos/eos>``; returns vocab_size."""
-    reserved = {BLANK, UNK, SOS_EOS}
-    units = [BLANK, UNK] + [t for t in dict.fromkeys(tokens) if t not in reserved] + [SOS_EOS]
+    """Write the special symbols at their ids and ``tokens`` in order in the others; returns vocab_size."""
+    real = [t for t in dict.fromkeys(tokens) if t not in symbols.SPECIAL_SYMBOLS]
+    vocab_size = len(real) + len(symbols.SPECIAL_SYMBOLS)
+    special = {i: s for s, i in symbols.special_ids(vocab_size).items()}
+    rest = iter(real)
+    units = [special[i] if i in special else next(rest) for i in range(vocab_size)]
     Path(path).write_text("".join(f"{u} {i}\n" for i, u in enumerate(units)), encoding="utf-8")
     return len(units)
 
@@ -62,8 +67,8 @@ def write_symbol_table(tokens: Iterable[str], path: str | Path) -> int:
 class Tokenizer:
     """Normalise, split into tokens, map through the symbol table (unknown tokens -> ``<unk>``)."""
 
-    blank_id = 0
-    unk_id = 1
+    blank_id = symbols.BLANK_ID
+    unk_id = symbols.UNK_ID
 
     def __init__(self, cfg: TokenizerConfig, symbol_table: dict[str, int], sp_model: Optional[bytes] = None):
         self.cfg = cfg
@@ -90,7 +95,7 @@ class Tokenizer:
 
     @property
     def sos_eos_id(self) -> int:
-        return self.vocab_size - 1
+        return symbols.sos_eos_id(self.vocab_size)
 
     def __getstate__(self) -> dict:
         # The sentencepiece processor is rebuilt from the model bytes in each DataLoader worker.
@@ -118,7 +123,7 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         special = (self.blank_id, self.sos_eos_id)
-        text = "".join(self.id_to_token.get(int(i), UNK) for i in ids if int(i) not in special)
+        text = "".join(self.id_to_token.get(int(i), symbols.UNK) for i in ids if int(i) not in special)
         return text.replace(SPACE, " ").strip()
 
 
@@ -143,6 +148,8 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str | P
     if vocab_size < 2:
         raise ValueError(f"a {cfg.type} tokenizer needs --vocab-size >= 2, got {vocab_size}")
     prefix = out_dir / cfg.type
+    # These are sentencepiece's own piece ids, not the table's: its unknown piece at 0 (left
+    # out of the table, which has its own), no bos/eos/pad pieces (-1 disables them).
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(normalized), model_prefix=str(prefix), vocab_size=vocab_size,
         model_type=cfg.type, character_coverage=1.0, hard_vocab_limit=False,

@@ -17,7 +17,8 @@ from typing import Optional, Protocol, Sequence
 import torch
 
 from moe_asr.decode.ctc import NBest
-from moe_asr.model.targets import IGNORE_ID, add_sos_eos, reverse_padded
+from moe_asr.model.targets import add_sos_eos, reverse_padded
+from moe_asr.symbols import IGNORE_ID
 
 
 class Decoder(Protocol):

@@ -1,9 +1,9 @@
 """CTC decoding: greedy search and prefix beam search.
 
 Both work on the CTC head's log-probabilities ``[B, T, V]`` (or ``[T, V]`` for one
-utterance) with blank id 0. The prefix beam search sums over all alignments of a
-label sequence, so its scores are the quantities attention rescoring combines with
-the decoders' scores.
+utterance) with the blank ``BLANK_ID``. The prefix beam search sums over all
+alignments of a label sequence, so its scores are the quantities attention
+rescoring combines with the decoders' scores.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import torch
 
-BLANK_ID = 0
+from moe_asr.symbols import BLANK_ID
 
 NBest = list[tuple[tuple[int, ...], float]]
 """Hypotheses best first: (token ids, log probability)."""

@@ -1,9 +1,11 @@
-"""CTC head: projection to the vocabulary and the CTC loss (blank = 0)."""
+"""CTC head: projection to the vocabulary and the CTC loss (blank ``BLANK_ID``)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from moe_asr.symbols import BLANK_ID, IGNORE_ID
 
 
 class CTC(nn.Module):
@@ -20,8 +22,8 @@ class CTC(nn.Module):
         """
         logits = self.ctc_lo(F.dropout(hs, self.dropout, self.training))
         log_probs = logits.float().log_softmax(-1).transpose(0, 1)
-        targets = ys[ys >= 0]
-        loss = F.ctc_loss(log_probs, targets, hs_lens, ys_lens, blank=0, reduction="sum",
+        targets = ys[ys != IGNORE_ID]
+        loss = F.ctc_loss(log_probs, targets, hs_lens, ys_lens, blank=BLANK_ID, reduction="sum",
                           zero_infinity=True)
         return loss / hs.shape[0]
 

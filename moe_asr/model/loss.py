@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor
 
-from moe_asr.model.targets import IGNORE_ID
+from moe_asr.symbols import IGNORE_ID
 
 
 def label_smoothing_loss(logits: Tensor, target: Tensor, smoothing: float,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-IGNORE_ID = -1  # padding value of target tensors; ignored by every loss
+from moe_asr.symbols import IGNORE_ID
 
 
 def add_sos_eos(ys: Tensor, sos: int, eos: int) -> tuple[Tensor, Tensor]:

@@ -17,6 +17,7 @@ from moe_asr.model.encoder import ConformerEncoder
 from moe_asr.model.loss import label_smoothing_loss, token_accuracy
 from moe_asr.model.targets import add_sos_eos, reverse_padded
 from moe_asr.moe.layer import MoEFeedForward
+from moe_asr.symbols import sos_eos_id
 
 # The loss and its parts, as `U2PPModel.forward` returns them (the engine logs and plots these).
 LOSS_KEYS = ("loss", "loss_ctc", "loss_l2r", "loss_r2l")
@@ -27,7 +28,7 @@ class U2PPModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = cfg.vocab_size
-        self.sos = self.eos = cfg.vocab_size - 1
+        self.sos = self.eos = sos_eos_id(cfg.vocab_size)
         self.encoder = ConformerEncoder(cfg.encoder, cfg.input_dim, cfg.moe, cmvn)
         d = cfg.encoder.output_size
         self.decoder = BiTransformerDecoder(cfg.vocab_size, d, cfg.decoder, cfg.moe)

@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from moe_asr.symbols import sos_eos_id
+
 
 class FakeDecoder(nn.Module):
     def __init__(self, vocab: int, d_model: int, hidden: int = 8, recurrent: bool = True,
@@ -110,7 +112,7 @@ class FakeModel(nn.Module):
         self.encoder = _FakeEncoder(proj)
         self.ctc = _FakeCTC(d_model, vocab, seed + 1)
         self.decoder = FakeDecoder(vocab, d_model, has_r2l=has_r2l, seed=seed + 2)
-        self.sos = self.eos = vocab - 1
+        self.sos = self.eos = sos_eos_id(vocab)
 
     def encode(self, feats, feats_lengths, chunk_size=-1, num_left_chunks=-1):
         return self.encoder(feats, feats_lengths)

@@ -6,6 +6,7 @@ import torch
 
 from decode_doubles import FakeDecoder, exhaustive_best, sequence_score
 from moe_asr.decode.attention import attention_beam_search, attention_rescoring, score_hypotheses
+from moe_asr.symbols import sos_eos_id
 
 D_MODEL = 6
 
@@ -22,61 +23,66 @@ def random_memory(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torc
 @pytest.mark.parametrize("vocab,lengths,seed", [(4, [3, 2], 0), (4, [3, 1, 2], 1), (5, [2, 3], 2)])
 def test_beam_search_with_a_large_beam_equals_exhaustive_search(vocab, lengths, seed):
     decoder = FakeDecoder(vocab, D_MODEL, seed=seed)
-    sos = eos = vocab - 1
+    sos = eos = sos_eos_id(vocab)
+    tokens = [t for t in range(vocab) if t != eos]
     memory, mask = random_memory(lengths, seed)
     # Large enough to keep every prefix of up to max(lengths) tokens alive.
-    beam = sum((vocab - 1) ** n for n in range(max(lengths) + 1))
+    beam = sum(len(tokens) ** n for n in range(max(lengths) + 1))
     hyps, scores = attention_beam_search(decoder, memory, mask, sos, eos, beam_size=beam)
     for b, n in enumerate(lengths):
         best, best_score = exhaustive_best(decoder, memory[b:b + 1], mask[b:b + 1],
-                                           range(vocab - 1), n, sos, eos)
+                                           tokens, n, sos, eos)
         assert hyps[b] == best
         assert scores[b] == pytest.approx(best_score, abs=1e-5)
 
 
 def test_beam_search_max_len_caps_the_hypothesis_length():
     vocab = 4
+    sos = eos = sos_eos_id(vocab)
+    tokens = [t for t in range(vocab) if t != eos]
     decoder = FakeDecoder(vocab, D_MODEL, seed=3)
     memory, mask = random_memory([6])
-    hyps, scores = attention_beam_search(decoder, memory, mask, 3, 3, beam_size=13, max_len=2)
-    best, best_score = exhaustive_best(decoder, memory, mask, range(3), 2, 3, 3)
+    hyps, scores = attention_beam_search(decoder, memory, mask, sos, eos, beam_size=13, max_len=2)
+    best, best_score = exhaustive_best(decoder, memory, mask, tokens, 2, sos, eos)
     assert hyps == [best] and scores == pytest.approx([best_score], abs=1e-5)
 
 
 @pytest.mark.parametrize("beam", [1, 3])
 def test_batched_beam_search_equals_decoding_each_utterance_alone(beam):
     vocab = 8
+    sos = eos = sos_eos_id(vocab)
     decoder = FakeDecoder(vocab, D_MODEL, seed=4)
     lengths = [6, 3, 5, 1]
     memory, mask = random_memory(lengths, seed=4)
-    hyps, scores = attention_beam_search(decoder, memory, mask, vocab - 1, vocab - 1, beam)
+    hyps, scores = attention_beam_search(decoder, memory, mask, sos, eos, beam)
     for b, n in enumerate(lengths):
         alone_hyps, alone_scores = attention_beam_search(
-            decoder, memory[b:b + 1, :n], mask[b:b + 1, :, :n], vocab - 1, vocab - 1, beam)
+            decoder, memory[b:b + 1, :n], mask[b:b + 1, :, :n], sos, eos, beam)
         assert hyps[b] == alone_hyps[0]
         assert scores[b] == pytest.approx(alone_scores[0], abs=1e-5)
         assert len(hyps[b]) <= n
         # The reported score is the hypothesis's own L2R score including eos.
         assert scores[b] == pytest.approx(
-            sequence_score(decoder, memory[b:b + 1], mask[b:b + 1], hyps[b], vocab - 1, vocab - 1),
+            sequence_score(decoder, memory[b:b + 1], mask[b:b + 1], hyps[b], sos, eos),
             abs=1e-5)
 
 
 def test_score_hypotheses_matches_step_by_step_scores():
     vocab = 6
+    sos = eos = sos_eos_id(vocab)
     decoder = FakeDecoder(vocab, D_MODEL, seed=5)
     memory, mask = random_memory([4, 4, 2, 3], seed=5)
     hyps = [(1, 2, 3), (), (4,), (0, 4)]
-    l2r, r2l = score_hypotheses(decoder, memory, mask, hyps, 5, 5, reverse_weight=0.0)
+    l2r, r2l = score_hypotheses(decoder, memory, mask, hyps, sos, eos, reverse_weight=0.0)
     for i, h in enumerate(hyps):
         assert float(l2r[i]) == pytest.approx(
-            sequence_score(decoder, memory[i:i + 1], mask[i:i + 1], h, 5, 5), abs=1e-5)
+            sequence_score(decoder, memory[i:i + 1], mask[i:i + 1], h, sos, eos), abs=1e-5)
     assert torch.equal(r2l, torch.zeros(4))
 
 
 def test_rescoring_matches_hand_computed_scores():
     vocab = 5
-    sos = eos = vocab - 1
+    sos = eos = sos_eos_id(vocab)
     # Bigram decoder: log p(next | last) is a [V, V] table per direction.
     decoder = FakeDecoder(vocab, D_MODEL, recurrent=False, memory_scale=0.0, seed=6)
     fwd, bwd = decoder.bigram_log_probs(0), decoder.bigram_log_probs(1)

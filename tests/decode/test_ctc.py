@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moe_asr.decode.ctc import ctc_greedy_search, ctc_prefix_beam_search
+from moe_asr.symbols import BLANK_ID
 
 
 def one_hot_log_probs(paths: list[list[int]], vocab: int) -> torch.Tensor:
@@ -48,7 +49,7 @@ def brute_force_nbest(log_probs: torch.Tensor) -> dict[tuple[int, ...], float]:
     lp = log_probs.double()
     totals: dict[tuple[int, ...], list[float]] = {}
     for path in itertools.product(range(V), repeat=T):
-        labels = tuple(tok for i, tok in enumerate(path) if tok != 0 and (i == 0 or tok != path[i - 1]))
+        labels = tuple(tok for i, tok in enumerate(path) if tok != BLANK_ID and (i == 0 or tok != path[i - 1]))
         totals.setdefault(labels, []).append(float(sum(lp[t, tok] for t, tok in enumerate(path))))
     return {labels: float(torch.tensor(s, dtype=torch.float64).logsumexp(0)) for labels, s in totals.items()}
 

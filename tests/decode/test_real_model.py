@@ -11,9 +11,11 @@ from moe_asr.decode.search import METHODS, decode
 from moe_asr.model.config import DecoderConfig, EncoderConfig, ModelConfig
 from moe_asr.moe.config import MoEConfig
 from moe_asr.model.u2pp import U2PPModel, build_model
+from moe_asr.symbols import BLANK_ID, sos_eos_id
 
 VOCAB = 6
-EOS = VOCAB - 1
+EOS = sos_eos_id(VOCAB)
+TOKENS = [t for t in range(VOCAB) if t != EOS]  # what the attention decoder may emit
 
 
 def tiny_model(r_num_blocks: int = 1, seed: int = 0) -> U2PPModel:
@@ -58,8 +60,8 @@ def test_every_method_runs_and_streaming_matches_the_masked_forward(model, chunk
         for hyp, n in zip(hyps, enc_lengths):
             assert len(hyp.tokens) <= n and hyp.score <= 0.0, name
             # CTC-based hypotheses never hold a blank; the attention decoder never emits eos.
-            low, high = (0, EOS) if name == "attention" else (1, VOCAB)
-            assert all(low <= t < high for t in hyp.tokens), name
+            assert all(0 <= t < VOCAB for t in hyp.tokens), name
+            assert (EOS if name == "attention" else BLANK_ID) not in hyp.tokens, name
     if chunk_size > 0:
         streamed = decode(model, feats, lengths, METHODS, beam_size=4, chunk_size=chunk_size,
                           num_left_chunks=num_left_chunks, streaming=True)
@@ -104,7 +106,7 @@ def test_attention_beam_search_equals_exhaustive_search_on_the_real_decoder():
     model = tiny_model(seed=4)
     feats, lengths = feats_batch([30, 22], seed=2)
     max_len = 3
-    beam = sum((VOCAB - 1) ** n for n in range(max_len + 1))  # every prefix stays alive
+    beam = sum(len(TOKENS) ** n for n in range(max_len + 1))  # every prefix stays alive
     with torch.no_grad():
         memory, mask = model.encode(feats, lengths)
         hyps, scores = attention_beam_search(model.decoder, memory, mask, EOS, EOS, beam, max_len=max_len)
@@ -112,7 +114,7 @@ def test_attention_beam_search_equals_exhaustive_search_on_the_real_decoder():
         for b in range(2):
             n = int(mask[b].sum())
             best, best_score = exhaustive_best(model.decoder, memory[b:b + 1, :n], mask[b:b + 1, :, :n],
-                                               range(VOCAB - 1), max_len, EOS, EOS)
+                                               TOKENS, max_len, EOS, EOS)
             assert best and greedy_hyps[b] != best, "the check is weak on this model"
             assert hyps[b] == best
             assert scores[b] == pytest.approx(best_score, abs=1e-4)

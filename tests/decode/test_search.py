@@ -28,8 +28,8 @@ def test_every_method_matches_calling_the_algorithm_directly():
         logp = model.ctc.log_softmax(memory)
         greedy = ctc_greedy_search(logp, lengths)
         nbest = [ctc_prefix_beam_search(logp[b, :n], 4) for b, n in enumerate(lengths.tolist())]
-        rescored = attention_rescoring(model.decoder, memory, mask, nbest, 5, 5, 0.5, 0.3)
-        attention = attention_beam_search(model.decoder, memory, mask, 5, 5, 4)
+        rescored = attention_rescoring(model.decoder, memory, mask, nbest, model.sos, model.eos, 0.5, 0.3)
+        attention = attention_beam_search(model.decoder, memory, mask, model.sos, model.eos, 4)
     for name, (hyps, scores) in {
         "ctc_greedy_search": greedy,
         "ctc_prefix_beam_search": ([list(nb[0][0]) for nb in nbest], [nb[0][1] for nb in nbest]),

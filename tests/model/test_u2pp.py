@@ -6,24 +6,25 @@ import torch
 import torch.nn.functional as F
 
 from moe_asr.model.loss import label_smoothing_loss
-from moe_asr.model.targets import IGNORE_ID, add_sos_eos, reverse_padded
+from moe_asr.model.targets import add_sos_eos, reverse_padded
 from moe_asr.model.u2pp import build_model
+from moe_asr.symbols import IGNORE_ID
 from tests.helpers import tiny_config
 
 
 def _batch():
     feats = torch.randn(3, 90, 20)
     lengths = torch.tensor([90, 61, 30])
-    ys = torch.tensor([[1, 2, 3, 4], [5, 6, -1, -1], [7, -1, -1, -1]])
+    ys = torch.tensor([[1, 2, 3, 4], [5, 6, IGNORE_ID, IGNORE_ID], [7, IGNORE_ID, IGNORE_ID, IGNORE_ID]])
     return feats, lengths, ys, torch.tensor([4, 2, 1])
 
 
 def test_targets():
-    ys = torch.tensor([[1, 2, 3], [4, -1, -1]])
+    ys = torch.tensor([[1, 2, 3], [4, IGNORE_ID, IGNORE_ID]])
     ys_in, ys_out = add_sos_eos(ys, sos=9, eos=9)
     assert ys_in.tolist() == [[9, 1, 2, 3], [9, 4, 9, 9]]
-    assert ys_out.tolist() == [[1, 2, 3, 9], [4, 9, -1, -1]]
-    assert reverse_padded(ys, torch.tensor([3, 1])).tolist() == [[3, 2, 1], [4, -1, -1]]
+    assert ys_out.tolist() == [[1, 2, 3, 9], [4, 9, IGNORE_ID, IGNORE_ID]]
+    assert reverse_padded(ys, torch.tensor([3, 1])).tolist() == [[3, 2, 1], [4, IGNORE_ID, IGNORE_ID]]
 
 
 def test_label_smoothing_equals_kl_div():
@@ -35,8 +36,8 @@ def test_label_smoothing_equals_kl_div():
     kl = F.kl_div(logits.log_softmax(-1), true, reduction="none").sum(-1)
     expect = (kl * (target != IGNORE_ID)).sum() / 2
     torch.testing.assert_close(label_smoothing_loss(logits, target, s), expect)
-    torch.testing.assert_close(label_smoothing_loss(logits, target, 0.0),
-                               F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-1, reduction="sum") / 2)
+    cross_entropy = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_ID, reduction="sum")
+    torch.testing.assert_close(label_smoothing_loss(logits, target, 0.0), cross_entropy / 2)
 
 
 def test_loss_is_the_u2pp_combination():
@@ -54,7 +55,7 @@ def test_ctc_too_short_input_gives_no_nan():
     feats = torch.randn(4, 40, 20)
     # 7 input frames -> 1 encoder frame for 3 tokens; 3 frames -> no encoder frame; an empty transcript
     lengths = torch.tensor([40, 7, 3, 40])
-    ys = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, -1], [-1, -1, -1]])
+    ys = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, IGNORE_ID], [IGNORE_ID] * 3])
     out = model(feats, lengths, ys, torch.tensor([3, 3, 2, 0]))
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
