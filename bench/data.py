@@ -30,7 +30,6 @@ import torchaudio
 from torchaudio.compliance.kaldi import fbank as kaldi_fbank
 
 from moe_asr.data.batch import Batch
-from moe_asr.symbols import IGNORE_ID
 from moe_asr.data.batching import pad
 from moe_asr.data.config import DataConfig, TokenizerConfig
 from moe_asr.data.loader import AsrDataLoader
@@ -38,6 +37,7 @@ from moe_asr.data.manifest import Utterance
 from moe_asr.data.shards import read_shard_list, write_shards
 from moe_asr.data.tokenizer import Tokenizer, train_tokenizer
 from moe_asr.schema import from_dict
+from moe_asr.symbols import IGNORE_ID
 
 # The shared data folder sits next to the repository; --fsdd points elsewhere.
 FSDD = (Path(__file__).resolve().parents[1] / "../shared/data/fsdd/recordings").resolve()
