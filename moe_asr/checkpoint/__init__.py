@@ -4,6 +4,8 @@
 (any tag, ZeRO stage and ep_size) or a consolidated model file, and returns
 the model with every expert and the experiment config it was trained with.
 """
-from moe_asr.checkpoint.load import FORMAT, LoadedModel, load_model, read_model_state, save_model
+from moe_asr.checkpoint.load import (FORMAT, LoadedModel, ModelState, build_trained_model, load_model,
+                                    read_model_state, save_model)
 
-__all__ = ["FORMAT", "LoadedModel", "load_model", "read_model_state", "save_model"]
+__all__ = ["FORMAT", "LoadedModel", "ModelState", "build_trained_model", "load_model", "read_model_state",
+           "save_model"]

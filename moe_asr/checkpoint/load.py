@@ -7,8 +7,9 @@ What a path may be:
 * a **checkpoints directory** (``<run>/checkpoints``) or one **checkpoint tag**
   directory (``<run>/checkpoints/<tag>``); the config is the run's ``train.yaml``;
 * a **consolidated file** (:func:`save_model`): one ``torch.save`` of the whole
-  model state (experts stacked, fp32), the resolved experiment config and a
-  format tag, enough on its own to rebuild the model.
+  model state (experts stacked, fp32), the resolved experiment config, the
+  tokenizer (symbol table and sentencepiece model) and a format tag: enough on
+  its own to rebuild the model and decode with it.
 
 DeepSpeed writes the model in pieces (``mp_rank_00_model_states.pt`` without
 experts, one file per global expert); ``engine.deepspeed_moe`` owns that
@@ -25,6 +26,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from moe_asr.data.tokenizer import Tokenizer
 from moe_asr.engine.checkpoint import LATEST
 from moe_asr.engine.config import ExperimentConfig, load_config
 from moe_asr.engine.deepspeed_moe import MODEL_FILE, load_file, read_deepspeed_model
@@ -39,7 +41,19 @@ CONFIG = "train.yaml"
 class LoadedModel:
     model: U2PPModel       # eval mode, fp32, on the requested device
     config: ExperimentConfig
+    tokenizer: Tokenizer   # ids <-> text, as in training
     source: Path           # the consolidated file or the checkpoint tag directory read
+
+
+@dataclass
+class ModelState:
+    """A trained model as data: what :func:`save_model` writes and the converters pass around."""
+
+    state: dict[str, Tensor]  # experts stacked, fp32, CPU
+    config: ExperimentConfig
+    tokenizer: Tokenizer
+    source: Path
+    extra: dict[str, Any]     # other entries of a consolidated file (the training state, ...)
 
 
 def _tag_dir(path: Path, tag: Optional[str]) -> tuple[Path, Path]:
@@ -63,46 +77,61 @@ def _tag_dir(path: Path, tag: Optional[str]) -> tuple[Path, Path]:
     return tag_dir, root.parent / CONFIG
 
 
-def read_model_state(path: str | Path, tag: Optional[str] = None
-                     ) -> tuple[dict[str, Tensor], ExperimentConfig, Path]:
-    """The whole model state (experts stacked, fp32 on CPU), the experiment config and what was read."""
+def read_model_state(path: str | Path, tag: Optional[str] = None) -> ModelState:
+    """Everything needed to rebuild the trained model at ``path`` (see the module doc), without building it."""
     path = Path(path)
     if path.is_file():
         blob = load_file(path)
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             raise ValueError(f"{path}: not a moe-asr model file (format {FORMAT!r})")
+        blob = dict(blob)
         try:
-            config = from_dict(ExperimentConfig, blob["config"])
+            config = from_dict(ExperimentConfig, blob.pop("config"))
         except ConfigError as e:
             raise ConfigError(f"{path}: config inside the model file: {e}") from None
-        return _fp32(blob["model"]), config, path
+        tok = blob.pop("tokenizer")
+        tokenizer = Tokenizer(config.data.tokenizer, tok["symbol_table"], tok["sp_model"])
+        state = _fp32(blob.pop("model"))
+        del blob["format"]
+        return ModelState(state, config, tokenizer, path, blob)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such file or directory")
     tag_dir, config_path = _tag_dir(path, tag)
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: the run's config is missing (needed to rebuild the model "
                                 f"of {tag_dir})")
-    return _fp32(read_deepspeed_model(tag_dir)), load_config(config_path), tag_dir
+    config = load_config(config_path)
+    try:
+        tokenizer = Tokenizer.from_config(config.data.tokenizer)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{config_path}: the run's tokenizer cannot be read: {e}") from None
+    return ModelState(_fp32(read_deepspeed_model(tag_dir)), config, tokenizer, tag_dir, {})
+
+
+def build_trained_model(ms: ModelState) -> U2PPModel:
+    """The model of ``ms.config`` holding ``ms.state``; a mismatch names the keys and shapes."""
+    model = build_model(ms.config.model, load_cmvn=False)  # CMVN statistics come with the weights
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(ms.state))
+    unexpected = sorted(set(ms.state) - set(expected))
+    wrong = [f"{k} {tuple(ms.state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in ms.state and ms.state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{ms.source}: weights do not fit the model of its config: missing {missing[:3]}"
+                         f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                         f"{'...' if len(unexpected) > 3 else ''}, shape (file vs config) {wrong[:3]}")
+    model.load_state_dict(ms.state)
+    return model
 
 
 def load_model(path: str | Path, tag: Optional[str] = None, device: str | torch.device = "cpu") -> LoadedModel:
     """The trained model at ``path`` with all its experts, in eval mode (see the module doc for ``path``)."""
-    state, config, source = read_model_state(path, tag)
-    model = build_model(config.model, load_cmvn=False)  # CMVN statistics come with the weights
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{source}: weights do not fit the model of its config: missing {missing[:3]}"
-                         f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
-                         f"{'...' if len(unexpected) > 3 else ''}, shape (file vs config) {wrong[:3]}")
-    model.load_state_dict(state)
-    return LoadedModel(model.to(device).eval(), config, source)
+    ms = read_model_state(path, tag)
+    return LoadedModel(build_trained_model(ms).to(device).eval(), ms.config, ms.tokenizer, ms.source)
 
 
-def save_model(path: str | Path, state: dict[str, Tensor], config: ExperimentConfig, **extra: Any) -> Path:
+def save_model(path: str | Path, state: dict[str, Tensor], config: ExperimentConfig, tokenizer: Tokenizer,
+               **extra: Any) -> Path:
     """Write a consolidated model file; it appears under ``path`` only once complete.
 
     ``extra`` entries are stored beside the model (the conversion tools add theirs).
@@ -110,7 +139,9 @@ def save_model(path: str | Path, state: dict[str, Tensor], config: ExperimentCon
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
-    torch.save({"format": FORMAT, "model": _fp32(state), "config": to_dict(config), **extra}, tmp)
+    blob = {"format": FORMAT, "model": _fp32(state), "config": to_dict(config),
+            "tokenizer": {"symbol_table": tokenizer.symbol_table, "sp_model": tokenizer._sp_model}, **extra}
+    torch.save(blob, tmp)
     os.replace(tmp, path)
     return path
 
@@ -118,4 +149,3 @@ def save_model(path: str | Path, state: dict[str, Tensor], config: ExperimentCon
 def _fp32(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """bf16/fp16 training keeps half-precision module weights; decoding and conversion work in fp32."""
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-

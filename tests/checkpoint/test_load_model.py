@@ -69,13 +69,15 @@ print("loaded", len(ways), "ways")
 
 @pytest.mark.slow
 def test_consolidated_file_round_trip(trained_run, tmp_path):
-    state, config, source = read_model_state(trained_run)
-    experts = next(v for k, v in state.items() if k.endswith("experts.w1"))
+    ms = read_model_state(trained_run)
+    experts = next(v for k, v in ms.state.items() if k.endswith("experts.w1"))
     assert experts.shape[0] == SMALL_MODEL["model.moe.num_experts"], "every expert, from both ranks' files"
-    path = save_model(tmp_path / "model.pt", state, config)
+    ms.config.data.tokenizer.symbol_table = str(tmp_path / "moved_away" / "units.txt")  # the file alone decodes
+    path = save_model(tmp_path / "model.pt", ms.state, ms.config, ms.tokenizer)
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"], "no partial file left behind"
     loaded = load_model(path)
     assert loaded.source == path
+    assert loaded.tokenizer.symbol_table == ms.tokenizer.symbol_table and loaded.tokenizer.vocab_size > 3
     live = torch.load(trained_run / "live.pt", weights_only=False)
     assert_same(live, snapshot(loaded.model, loaded.config.model.input_dim))
 
@@ -98,10 +100,10 @@ def test_bad_checkpoints_are_named(trained_run, tmp_path):
     (broken / "checkpoints" / "latest").unlink()
     with pytest.raises(FileNotFoundError, match=rf"no latest file; pick a tag: \['{tag}'"):
         load_model(broken)
-    state, config, _ = read_model_state(trained_run)
-    config.model.encoder.num_blocks += 1
+    ms = read_model_state(trained_run)
+    ms.config.model.encoder.num_blocks += 1
     with pytest.raises(ValueError, match=r"weights do not fit the model of its config: missing \['encoder.encoders.2"):
-        load_model(save_model(tmp_path / "mismatch.pt", state, config))
+        load_model(save_model(tmp_path / "mismatch.pt", ms.state, ms.config, ms.tokenizer))
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="junk.pt: cannot read"):
         load_model(tmp_path / "junk.pt")
