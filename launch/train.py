@@ -8,7 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when the package is not installed
 
 from moe_asr.engine.config import ConfigError  # noqa: E402
-from moe_asr.engine.train import main  # noqa: E402
+from moe_asr.train import main  # noqa: E402
 
 if __name__ == "__main__":
     try:

@@ -16,6 +16,9 @@ COMMANDS: dict[str, str] = {
     "make-shards": "moe_asr.tools.make_shards",
     "train-tokenizer": "moe_asr.tools.train_tokenizer",
     "compute-cmvn": "moe_asr.tools.compute_cmvn",
+    "convert": "moe_asr.tools.convert",
+    "recognize": "moe_asr.tools.recognize",
+    "score": "moe_asr.tools.score",
 }
 
 

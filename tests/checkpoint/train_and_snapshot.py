@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from moe_asr.engine import loop  # noqa: E402
-from moe_asr.engine.train import main  # noqa: E402
+from moe_asr.train import main  # noqa: E402
 from tests.checkpoint.snapshot import snapshot  # noqa: E402
 
 _fit = loop.Trainer.fit

@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from moe_asr.engine import checkpoint  # noqa: E402
-from moe_asr.engine.train import main  # noqa: E402
+from moe_asr.train import main  # noqa: E402
 
 _rng_state = checkpoint.rng_state
 _saves = 0

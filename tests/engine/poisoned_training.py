@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from moe_asr.engine.train import main  # noqa: E402
+from moe_asr.train import main  # noqa: E402
 from moe_asr.model.u2pp import U2PPModel  # noqa: E402
 
 _forward = U2PPModel.forward

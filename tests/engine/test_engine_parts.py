@@ -11,7 +11,7 @@ from moe_asr.engine.config import ConfigError, TrainConfig
 from moe_asr.engine.deepspeed_engine import deepspeed_config
 from moe_asr.engine.deepspeed_moe import gather_experts, prepare_moe_layers
 from moe_asr.engine.optim import WarmupDecay, param_groups
-from moe_asr.engine.train import load_experiment
+from moe_asr.train import load_experiment
 from moe_asr.model.u2pp import build_model
 from tests.engine.conftest import REPO
 from tests.helpers import tiny_config
