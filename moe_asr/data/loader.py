@@ -14,6 +14,10 @@ Three guarantees on top of ``torch.utils.data.DataLoader``:
   over gloo) whether all still have a batch; the epoch ends for everyone at
   the first rank that runs out. The tail batches dropped this way differ every
   epoch because the shard order is reshuffled.
+
+Skip counts (``skipped``) are per epoch: the workers count what they skip and
+send the counts with every batch; the loader keeps the latest of each worker
+in its state, so a resumed epoch continues the interrupted epoch's counts.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import copy
 import hashlib
 import logging
 import os
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional, Sequence
 
@@ -33,10 +37,11 @@ from moe_asr.data.batch import Batch
 from moe_asr.data.config import DataConfig
 from moe_asr.data.pipeline import Pipeline, ShardDataset, WorkerItem
 from moe_asr.data.shards import check_shards_exist, read_shard_list
+from moe_asr.data.stats import UNEVEN_RANKS
 from moe_asr.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2
 _gloo_group: Any = None
 
 
@@ -93,7 +98,6 @@ class AsrDataLoader:
         self._fingerprint = hashlib.sha1("\n".join(self.shards).encode()).hexdigest()[:16]
         self._state = self._fresh_state()
         self._resume: Optional[dict] = None
-        self._stats: dict[int, dict[str, int]] = {}
 
     @property
     def num_worker_streams(self) -> int:
@@ -107,19 +111,23 @@ class AsrDataLoader:
 
     @property
     def skipped(self) -> dict[str, int]:
-        """Counts of skipped/filtered utterances by reason, for the current epoch so far."""
-        total: dict[str, int] = {}
-        for counts in self._stats.values():
-            for reason, n in counts.items():
-                total[reason] = total.get(reason, 0) + n
-        return total
+        """Utterances skipped, filtered or dropped on this rank in the current epoch so far, by reason.
+
+        Only reasons that occurred are listed. ``dropped: uneven ranks`` counts
+        the batch this rank had ready when another rank ran out of data; the
+        unread rest of its shards is not read, so not counted.
+        """
+        total = Counter({UNEVEN_RANKS: self._state["dropped"]})
+        for worker in self._state["workers"]:
+            total.update(worker["skipped"])
+        return {reason: n for reason, n in total.items() if n}
 
     # ------------------------------------------------------------------ resume
     def _fresh_state(self) -> dict:
         return {"version": STATE_VERSION, "epoch": self.epoch, "rank": self.rank, "world_size": self.world_size,
                 "num_workers": self.cfg.num_workers, "seed": self.cfg.seed, "shards": self._fingerprint,
-                "complete": False, "batches_delivered": 0, "next_worker": 0,
-                "workers": [{"batches": 0, "done": False, "shards_done": 0, "samples_in_shard": 0}
+                "complete": False, "batches_delivered": 0, "next_worker": 0, "dropped": 0,
+                "workers": [{"batches": 0, "done": False, "shards_done": 0, "samples_in_shard": 0, "skipped": {}}
                             for _ in range(self.num_worker_streams)]}
 
     def state_dict(self) -> dict:
@@ -142,7 +150,8 @@ class AsrDataLoader:
         """Worker outputs in round-robin order from ``state['next_worker']``, updating ``state`` as they go."""
         workers = state["workers"]
         dataset = ShardDataset(self.shards, self.pipeline, self.cfg.seed, self.epoch, self.rank,
-                               self.world_size, skip=[w["batches"] for w in workers])
+                               self.world_size, skip=[w["batches"] for w in workers],
+                               skipped=[w["skipped"] for w in workers])
         k = self.cfg.num_workers
         loader = DataLoader(dataset, batch_size=None, num_workers=k, collate_fn=_keep,
                             prefetch_factor=self.cfg.prefetch_factor if k else None,
@@ -159,8 +168,7 @@ class AsrDataLoader:
                 queues[item.worker].append(item)
             item = queues[w].popleft()
             workers[w].update(shards_done=item.position.shards_done,
-                              samples_in_shard=item.position.samples_in_shard)
-            self._stats[w] = item.stats
+                              samples_in_shard=item.position.samples_in_shard, skipped=item.stats)
             w = (w + 1) % len(workers)
             state["next_worker"] = w
             if item.batch is None:
@@ -173,8 +181,6 @@ class AsrDataLoader:
     def __iter__(self) -> Iterator[Batch]:
         resume, self._resume = self._resume, None
         self._state = state = resume if resume is not None else self._fresh_state()
-        if not resume:
-            self._stats = {}
         if state["complete"]:
             return
         sync = self.sync_ranks and self.world_size > 1 and dist.is_available() and dist.is_initialized()
@@ -183,6 +189,7 @@ class AsrDataLoader:
             if sync and not _all_have_batch(True, group):
                 log.info("rank %d: epoch %d ends after %d batches: another rank ran out of data",
                          self.rank, self.epoch, state["batches_delivered"] - 1)
+                state["dropped"] += len(batch)
                 state["complete"] = True
                 return
             yield batch

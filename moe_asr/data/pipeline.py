@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, replace
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from moe_asr.data.features import Fbank, num_frames, resample, resampled_length,
 from moe_asr.data.shards import RawSample, read_shard
 from moe_asr.data.stats import DataStats
 from moe_asr.data.tokenizer import Tokenizer
+from moe_asr.symbols import IGNORE_ID
 
 
 def seed_for(*parts: int) -> int:
@@ -165,7 +166,7 @@ class Pipeline:
             x = spec_sub(x, lengths, self.cfg.specsub, generator)
         targets = [torch.tensor(u.tokens, dtype=torch.int64) for u, _ in good]
         return Batch(keys=[u.key for u, _ in good], feats=x, feats_lengths=lengths,
-                     targets=pad(targets, -1),
+                     targets=pad(targets, IGNORE_ID),
                      target_lengths=torch.tensor([len(t) for t in targets], dtype=torch.int64))
 
 
@@ -188,16 +189,21 @@ class ShardDataset(IterableDataset):
     """One epoch of one rank; each DataLoader worker takes its own shards (see :func:`worker_shards`).
 
     ``skip[w]`` planned batches of worker ``w`` are replayed without features
-    (resume). Ends every worker's stream with a ``WorkerItem`` whose batch is None.
+    (resume); ``skipped[w]`` are the skip counts it had sent with the last of
+    them. The replay recounts the planning skips but cannot see the decoding
+    ones, so at that batch the counts are set to the saved ones, which then
+    continue as in the interrupted epoch. Ends every worker's stream with a
+    ``WorkerItem`` whose batch is None.
     """
 
     def __init__(self, shards: Sequence[str], pipeline: Pipeline, seed: int, epoch: int, rank: int,
-                 world_size: int, skip: Sequence[int] = ()):
+                 world_size: int, skip: Sequence[int] = (), skipped: Sequence[Mapping[str, int]] = ()):
         super().__init__()
         self.shards = list(shards)
         self.pipeline = pipeline
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
         self.skip = list(skip)
+        self.skipped = list(skipped)
 
     def __iter__(self) -> Iterator[WorkerItem]:
         info = get_worker_info()
@@ -209,6 +215,8 @@ class ShardDataset(IterableDataset):
         skip = self.skip[worker] if worker < len(self.skip) else 0
         for index, planned in enumerate(self.pipeline.plan(shards, rng, stats, pos)):
             if index < skip:
+                if index == skip - 1:
+                    stats.restore(self.skipped[worker])
                 continue
             generator = torch.Generator().manual_seed(seed_for(self.seed, self.epoch, self.rank, worker, index))
             batch = self.pipeline.materialize(planned, generator, stats)

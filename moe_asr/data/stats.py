@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from typing import Mapping
 
 log = logging.getLogger("moe_asr.data")
 # Per reason, log the first few occurrences and then every Nth, so a broken corpus
@@ -10,22 +11,39 @@ log = logging.getLogger("moe_asr.data")
 _LOG_FIRST = 5
 _LOG_EVERY = 1000
 
+UNEVEN_RANKS = "dropped: uneven ranks"
+# Every reason an utterance can be skipped for. A fixed list, so that the
+# training loop can sum the counts of all ranks in one tensor and log every
+# reason, zeros included, in every record.
+SKIP_REASONS = ("corrupt tar member", "bad transcript", "missing audio", "missing transcript", "undecodable audio",
+                "empty audio", "no known token", "non-finite features", "filtered: frames out of range",
+                "filtered: tokens out of range", "filtered: tokens/frames ratio out of range", UNEVEN_RANKS)
+
 
 class DataStats:
-    """Counts of skipped samples by reason."""
+    """Counts of skipped samples by reason (one of ``SKIP_REASONS``)."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
 
-    def bad(self, reason: str, key: str, detail: str = "") -> None:
+    def _count(self, reason: str) -> int:
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}: add it to SKIP_REASONS")
         self.counts[reason] += 1
-        n = self.counts[reason]
+        return self.counts[reason]
+
+    def bad(self, reason: str, key: str, detail: str = "") -> None:
+        n = self._count(reason)
         if n <= _LOG_FIRST or n % _LOG_EVERY == 0:
             log.warning("skipped %s (%s%s) [%d so far]", key, reason, f": {detail}" if detail else "", n)
 
     def filtered(self, reason: str) -> None:
         """An utterance outside the configured limits: counted, not worth a warning."""
-        self.counts[f"filtered: {reason}"] += 1
+        self._count(f"filtered: {reason}")
+
+    def restore(self, counts: Mapping[str, int]) -> None:
+        """Continue from saved counts (a resumed epoch replaying its plan)."""
+        self.counts = Counter(counts)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.counts)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
@@ -59,3 +60,15 @@ def all_reduce(values: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(values, op=op)
     return values
+
+
+def all_reduce_named(tensors: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Sum every named tensor over the ranks in one collective; float64 on the CPU, in the shapes given.
+
+    The tensors travel as one flat float64 buffer (counts stay exact below
+    2**53) and are split back by the shapes recorded here.
+    """
+    shapes = {name: t.shape for name, t in tensors.items()}
+    flat = all_reduce(torch.cat([t.to(device, torch.float64).reshape(-1) for t in tensors.values()])).cpu()
+    parts = flat.split([shape.numel() for shape in shapes.values()])
+    return {name: part.view(shape) for (name, shape), part in zip(shapes.items(), parts)}

@@ -1,15 +1,16 @@
 """What training reports: console progress, TensorBoard scalars, a JSON-lines metrics file, expert load.
 
 Only rank 0 writes; the numbers it writes are already averaged (losses) or
-summed (frames, routed tokens) over all ranks by the loop. ``metrics.jsonl``
-is the machine-readable record (the loss-curve plot and the tests read it);
-on resume, records past the resumed step are dropped there and in
-TensorBoard (``purge_step``), so a resumed run reads as one curve.
+summed (frames, routed tokens, skipped utterances) over all ranks by the loop.
+``metrics.jsonl`` is the machine-readable record (the loss-curve plot and the
+tests read it); on resume, records past the resumed step are dropped there and
+in TensorBoard (``purge_step``), so a resumed run reads as one curve.
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -25,6 +26,11 @@ def setup_console(rank: int) -> None:
     """INFO on rank 0, warnings only elsewhere (one readable console for N ranks)."""
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout, force=True,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+
+
+def _tag(reason: str) -> str:
+    """A skip reason as a TensorBoard tag part: ``filtered: tokens/frames ...`` -> ``filtered_tokens_frames_...``."""
+    return re.sub(r"[^a-z0-9]+", "_", reason.lower()).strip("_")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -54,15 +60,18 @@ class TrainLogger:
             f.write(json.dumps(record) + "\n")
 
     def train(self, step: int, epoch: int, losses: dict[str, float], lr: float, frames: float, seconds: float,
-              skipped: int, tokens: torch.Tensor, entropy: torch.Tensor) -> None:
-        """One log interval: mean losses, LR, throughput, and per MoE layer the routed tokens and entropy."""
+              skipped: int, tokens: torch.Tensor, entropy: torch.Tensor, data_skipped: dict[str, int]) -> None:
+        """One log interval: mean losses, LR, throughput, skipped steps, per MoE layer the routed tokens and
+        entropy, and the utterances the data loaders skipped in this epoch so far, by reason."""
         if not self.enabled:
             return
         frames_per_s = frames / seconds
         self._record({"step": step, "epoch": epoch, **losses, "lr": lr, "frames": frames, "seconds": seconds,
-                      "frames_per_s": frames_per_s, "skipped": skipped})
+                      "frames_per_s": frames_per_s, "skipped": skipped, "data_skipped": data_skipped})
         for name, value in {**losses, "lr": lr, "frames_per_s": frames_per_s, "skipped_steps": skipped}.items():
             self.writer.add_scalar(f"train/{name}", value, step)
+        for reason, n in data_skipped.items():
+            self.writer.add_scalar(f"data/skipped_{_tag(reason)}", n, step)
         for name, counts, h in zip(self.layer_names, tokens.tolist(), entropy.tolist()):
             self.writer.add_scalar(f"moe_entropy/{name}", h, step)
             for e, n in enumerate(counts):

@@ -28,14 +28,16 @@ import torch.distributed as dist
 from moe_asr.engine.config import ExperimentConfig
 from moe_asr.data.batch import Batch
 from moe_asr.data.loader import AsrDataLoader
+from moe_asr.data.stats import SKIP_REASONS
 from moe_asr.engine import plots
 from moe_asr.engine.checkpoint import CheckpointInfo, Checkpointer, set_rng_state
 from moe_asr.engine.deepspeed_engine import TrainingModel
-from moe_asr.engine.distributed import DistInfo, all_reduce
+from moe_asr.engine.distributed import DistInfo, all_reduce, all_reduce_named
+from moe_asr.engine.expert_load import ExpertLoad
 from moe_asr.engine.logging import TrainLogger, read_metrics
+from moe_asr.model.u2pp import LOSS_KEYS
 
 log = logging.getLogger("moe_asr.train")
-LOSS_KEYS = ("loss", "loss_ctc", "loss_l2r", "loss_r2l")
 
 
 def _rng_neutral(batches: Iterable[Batch]) -> Iterator[Batch]:
@@ -67,15 +69,17 @@ class LoopState:
 
 
 class _Window:
-    """Sums over one log interval, on this rank."""
+    """Loss and throughput sums over one log interval, on this rank."""
 
-    def __init__(self, layers: int, experts: int, device: torch.device) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.losses = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=device)
         self.batches = 0
         self.frames = 0
-        self.tokens = torch.zeros(layers, experts, dtype=torch.int64, device=device)
-        self.entropy = torch.zeros(layers, dtype=torch.float64, device=device)
         self.start = time.perf_counter()
+
+    def pack(self) -> dict[str, torch.Tensor]:
+        """The sums by name, to be summed over the ranks."""
+        return {"losses": self.losses, "batches": torch.tensor(self.batches), "frames": torch.tensor(self.frames)}
 
 
 class Trainer:
@@ -89,10 +93,8 @@ class Trainer:
                                          info.rank)
         self.state = LoopState()
         self.layer_names = list(tm.moe_layers)
-        self.num_experts = cfg.model.moe.num_experts
         self.dtype = next(tm.model.parameters()).dtype
-        # Tokens this rank routed to each expert over the whole run (for the load heatmap).
-        self.tokens_total = torch.zeros(len(self.layer_names), self.num_experts, dtype=torch.int64)
+        self.expert_load = ExpertLoad(tm.moe_layers, cfg.model.moe.num_experts, info.device)
         self.logger: Optional[TrainLogger] = None
 
     # ------------------------------------------------------------------ state
@@ -100,14 +102,14 @@ class Trainer:
         state = self.checkpointer.load(tag)
         self.state = LoopState(**state["loop"])
         self.train_loader.load_state_dict(state["loader"])
-        self.tokens_total = state["expert_tokens"]
+        self.expert_load.load_state_dict(state)
         set_rng_state(state["rng"])
         log.info("resumed from %s: epoch %d, step %d", tag, self.state.epoch, self.state.step)
 
     def _save(self, tag: str, epoch: int, cv_loss: Optional[float]) -> None:
         self.checkpointer.save(CheckpointInfo(tag, self.state.step, epoch, cv_loss),
                                {"loop": asdict(self.state), "loader": self.train_loader.state_dict(),
-                                "expert_tokens": self.tokens_total})
+                                **self.expert_load.state_dict()})
         log.info("saved checkpoint %s", tag)
 
     def _done(self) -> bool:
@@ -136,14 +138,14 @@ class Trainer:
         """One pass over the training data; False if max_steps stopped it early."""
         t, s = self.cfg.train, self.state
         self.engine.train()
-        window = self._window()
+        window = self._new_window()
         stopped = False
         for batch in _rng_neutral(self.train_loader):
             if not self._micro_step(batch, window):
                 continue
             if s.step % t.log_interval == 0:
                 self._log(window)
-                window = self._window()
+                window = self._new_window()
             if self._done():
                 stopped = True
                 break
@@ -155,15 +157,16 @@ class Trainer:
             self._log(window)
         return not stopped
 
-    def _window(self) -> _Window:
-        return _Window(len(self.layer_names), self.num_experts, self.info.device)
+    def _new_window(self) -> _Window:
+        self.expert_load.reset_window()
+        return _Window(self.info.device)
 
     def _micro_step(self, batch: Batch, window: _Window) -> bool:
         """Forward, backward and (at accumulation boundaries) an optimizer step; True after an optimizer step."""
         s = self.state
         batch = batch.to(self.info.device)
         out = self.engine(batch.feats.to(self.dtype), batch.feats_lengths, batch.targets, batch.target_lengths)
-        self._count_routing(window)
+        self.expert_load.record()
         finite = all_reduce(torch.isfinite(out["loss"].detach()).float().reshape(1), dist.ReduceOp.MIN)
         if not bool(finite.item()):
             s.nonfinite_losses += 1
@@ -194,28 +197,21 @@ class Trainer:
                 f"lower train.lr, raise train.warmup_steps, or check the data (train.max_consecutive_nonfinite="
                 f"{self.cfg.train.max_consecutive_nonfinite})")
 
-    def _count_routing(self, window: _Window) -> None:
-        routers = [m.router for m in self.tm.moe_layers.values()]
-        if not routers or any(r.tokens_per_expert is None for r in routers):
-            return  # no MoE layers, or impl 'deepspeed' (DeepSpeed's gate routes and records nothing)
-        tokens = torch.stack([r.tokens_per_expert for r in routers])
-        window.tokens += tokens
-        self.tokens_total += tokens.cpu()
-        window.entropy += torch.stack([r.entropy.double() for r in routers])
-
     def _log(self, window: _Window) -> None:
-        """All-reduce the window and hand rank 0 the means (losses, entropy) and sums (frames, tokens)."""
-        counts = torch.tensor([window.batches, window.frames], dtype=torch.float64, device=self.info.device)
-        packed = torch.cat([window.losses, counts, window.entropy, window.tokens.flatten().double()])
-        packed = all_reduce(packed).cpu()
-        n_loss, n_layers = len(LOSS_KEYS), len(self.layer_names)
-        batches, frames = packed[n_loss].item(), packed[n_loss + 1].item()
-        losses = {k: packed[i].item() / max(batches, 1) for i, k in enumerate(LOSS_KEYS)}
-        entropy = packed[n_loss + 2:n_loss + 2 + n_layers] / max(batches, 1)
-        tokens = packed[n_loss + 2 + n_layers:].long().view(n_layers, self.num_experts)
+        """Sum the window and the data loaders' skip counts over the ranks and hand rank 0 the
+        means (losses, entropy) and sums (frames, tokens, skips of the epoch so far)."""
+        data = self.train_loader.skipped
+        sums = all_reduce_named({**window.pack(), **self.expert_load.pack(),
+                                 "data_skipped": torch.tensor([data.get(r, 0) for r in SKIP_REASONS])},
+                                self.info.device)
+        batches = sums["batches"].item()
+        losses = {k: v / max(batches, 1) for k, v in zip(LOSS_KEYS, sums["losses"].tolist())}
+        tokens, entropy = ExpertLoad.unpack(sums, batches)
+        data_skipped = dict(zip(SKIP_REASONS, sums["data_skipped"].long().tolist()))
         elapsed = time.perf_counter() - window.start
-        self.logger.train(self.state.step, self.state.epoch, losses, self.engine.get_lr()[0], frames, elapsed,
-                          self.engine.skipped_steps + self.state.nonfinite_losses, tokens, entropy)
+        self.logger.train(self.state.step, self.state.epoch, losses, self.engine.get_lr()[0], sums["frames"].item(),
+                          elapsed, self.engine.skipped_steps + self.state.nonfinite_losses, tokens, entropy,
+                          data_skipped)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -237,7 +233,7 @@ class Trainer:
         return {k: (sums[i] / sums[-1].clamp_min(1)).item() for i, k in enumerate(LOSS_KEYS)}
 
     def _finish(self) -> None:
-        tokens = all_reduce(self.tokens_total.to(self.info.device)).cpu()
+        tokens = self.expert_load.run_totals()
         if not self.info.is_main:
             return
         records = read_metrics(self.logger.metrics_path)

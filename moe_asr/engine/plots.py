@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import torch  # noqa: E402
 
+from moe_asr.model.u2pp import LOSS_KEYS  # noqa: E402
+
 
 def expert_load_heatmap(tokens: torch.Tensor, layer_names: list[str], path: Path) -> None:
     """``tokens [layers, experts]``: routed tokens over the run, shown as each layer's share per expert."""
@@ -31,7 +33,7 @@ def loss_curves(records: list[dict[str, Any]], path: Path) -> None:
     train = [r for r in records if "loss" in r]
     cv = [r for r in records if "cv_loss" in r]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for key in ("loss", "loss_ctc", "loss_l2r", "loss_r2l"):
+    for key in LOSS_KEYS:
         ax.plot([r["step"] for r in train], [r[key] for r in train], label=key,
                 linewidth=1.6 if key == "loss" else 0.9)
     if cv:

@@ -6,6 +6,7 @@ import json
 import multiprocessing as mp
 import random
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from moe_asr.data.loader import AsrDataLoader
 from moe_asr.data.manifest import Utterance
 from moe_asr.data.pipeline import PlannedUtt
 from moe_asr.data.shards import write_shard, write_shard_list
+from moe_asr.data.stats import SKIP_REASONS, UNEVEN_RANKS, DataStats
 from moe_asr.schema import ConfigError, from_dict
 
 from .conftest import build_corpus, fsdd_files, transcript
@@ -137,7 +139,8 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def test_bad_samples_are_counted_not_fatal(corpus, tmp_path):
+def _bad_shards(tmp_path) -> Path:
+    """Two shards: four good utterances among one of each kind of bad one, and one corrupt member."""
     files = fsdd_files(4, start=3)
     wave, sr = sf.read(files[0], dtype="float32")
     nan_wav = io.BytesIO()
@@ -166,12 +169,50 @@ def test_bad_samples_are_counted_not_fatal(corpus, tmp_path):
     (tmp_path / "second.tar").write_bytes(bytes(second))
     shard.write_bytes(bytes(raw))
     write_shard_list([str(shard), str(tmp_path / "second.tar")], tmp_path / "list")
-    cfg = corpus.config(train_shards=str(tmp_path / "list"), filters={"min_frames": 5}, num_workers=0)
-    loader = AsrDataLoader(tmp_path / "list", cfg, corpus.tokenizer(cfg), world_size=1, rank=0)
+    return tmp_path / "list"
+
+
+BAD_SKIPS = {"undecodable audio": 1, "no known token": 1, "empty audio": 1, "non-finite features": 1,
+             "missing transcript": 2, "corrupt tar member": 1, "filtered: frames out of range": 1}
+
+
+def _bad_loader(corpus, shard_list: Path, **overrides) -> AsrDataLoader:
+    cfg = corpus.config(train_shards=str(shard_list), filters={"min_frames": 5}, **overrides)
+    return AsrDataLoader(shard_list, cfg, corpus.tokenizer(cfg), world_size=1, rank=0)
+
+
+def test_bad_samples_are_counted_not_fatal(corpus, tmp_path):
+    loader = _bad_loader(corpus, _bad_shards(tmp_path))
     assert sorted(_keys(loader)) == ["good0", "good1", "good2", "good3"]
-    assert loader.skipped == {"undecodable audio": 1, "no known token": 1, "empty audio": 1,
-                              "non-finite features": 1, "missing transcript": 2, "corrupt tar member": 1,
-                              "filtered: frames out of range": 1}
+    assert loader.skipped == BAD_SKIPS
+    assert set(loader.skipped) <= set(SKIP_REASONS)  # the reasons the training loop sums and logs
+
+
+def test_unknown_skip_reason_is_refused():
+    with pytest.raises(ValueError, match="SKIP_REASONS"):
+        DataStats().bad("cosmic ray", "key")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_skip_counts_survive_an_exact_resume(corpus, tmp_path, num_workers):
+    """Cut after every batch: a resumed epoch ends with the counts of an uninterrupted one (decoding-time
+    skips of the replayed batches included), and a checkpoint holds the counts at the cut."""
+    shard_list = _bad_shards(tmp_path)
+    setup = {"num_workers": num_workers, "batching": {"batch_type": "static", "batch_size": 1}}
+    full = list(_bad_loader(corpus, shard_list, **setup))
+    assert len(full) == 4
+    for cut in range(1, len(full)):
+        first = _bad_loader(corpus, shard_list, **setup)
+        for n, _ in enumerate(first, 1):
+            if n == cut:
+                at_cut = first.skipped
+                state = json.loads(json.dumps(first.state_dict()))
+                break
+        resumed = _bad_loader(corpus, shard_list, **setup)
+        resumed.load_state_dict(state)
+        assert resumed.skipped == at_cut, f"cut at {cut}"
+        assert len(list(resumed)) == len(full) - cut
+        assert resumed.skipped == BAD_SKIPS, f"cut at {cut}"
 
 
 def test_missing_shard_file_is_a_clear_error(corpus, tmp_path):
@@ -199,7 +240,7 @@ def _uneven_rank(rank: int, init_file: str, shard_list: str, units: str, out) ->
                                  "batching": {"batch_type": "static", "batch_size": 1}})
     from moe_asr.data.tokenizer import Tokenizer
     loader = AsrDataLoader(shard_list, cfg, Tokenizer.from_config(cfg.tokenizer))
-    counts = []
+    counts, dropped = [], []
     for epoch in range(2):
         loader.set_epoch(epoch)
         n = 0
@@ -208,13 +249,15 @@ def _uneven_rank(rank: int, init_file: str, shard_list: str, units: str, out) ->
             dist.all_reduce(t)  # what a training step does: a collective per batch
             n += 1
         counts.append(n)
-    out.put((rank, counts))
+        dropped.append(loader.skipped.get(UNEVEN_RANKS, 0))
+    out.put((rank, (counts, dropped)))
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_uneven_ranks_stop_together(tmp_path):
-    """Shards of 2 and 9 utterances over 2 ranks: both ranks run 2 steps, nobody hangs."""
+    """Shards of 2 and 9 utterances over 2 ranks: both ranks run 2 steps, nobody hangs, and the
+    batch the longer rank had ready is counted as dropped."""
     corpus = build_corpus(tmp_path, 11, 9)  # shard sizes 9 and 2
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
@@ -231,4 +274,5 @@ def test_uneven_ranks_stop_together(tmp_path):
         for p in procs:
             if p.is_alive():
                 p.kill()
-    assert results[0] == results[1] == [2, 2]
+    assert results[0][0] == results[1][0] == [2, 2]
+    assert [a + b for a, b in zip(results[0][1], results[1][1])] == [1, 1]

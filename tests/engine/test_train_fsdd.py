@@ -8,7 +8,9 @@ docs/training.md but takes longer than a test should.
 from __future__ import annotations
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from moe_asr.data.stats import SKIP_REASONS
 from tests.engine.conftest import SMALL_MODEL, build_corpus, data_overrides, read_metrics, run_training, train_cmd
 
 
@@ -27,3 +29,11 @@ def test_cv_loss_falls_on_real_audio(tmp_path_factory):
     assert train[-1] < 0.5 * train[0], train
     assert (out / "expert_load.png").stat().st_size > 0 and (out / "loss_curves.png").stat().st_size > 0
     assert any((out / "tensorboard").iterdir())
+    # Data skip counts of all ranks, every reason, cumulative within an epoch.
+    logged = [r for r in records if "loss" in r]
+    assert all(list(r["data_skipped"]) == list(SKIP_REASONS) for r in logged)
+    for before, after in zip(logged, logged[1:]):
+        if before["epoch"] == after["epoch"]:
+            assert all(after["data_skipped"][k] >= n for k, n in before["data_skipped"].items())
+    tags = EventAccumulator(str(out / "tensorboard")).Reload().Tags()["scalars"]
+    assert len([t for t in tags if t.startswith("data/skipped_")]) == len(SKIP_REASONS)
