@@ -90,7 +90,7 @@ def read_model_state(path: str | Path, tag: Optional[str] = None) -> ModelState:
         except ConfigError as e:
             raise ConfigError(f"{path}: config inside the model file: {e}") from None
         tok = blob.pop("tokenizer")
-        tokenizer = Tokenizer(config.data.tokenizer, tok["symbol_table"], tok["sp_model"])
+        tokenizer = Tokenizer(config.data.tokenizer, tok["symbol_table"], tok["sp_model"], config.model.sos_eos_id)
         state = _fp32(blob.pop("model"))
         del blob["format"]
         return ModelState(state, config, tokenizer, path, blob)
@@ -102,7 +102,7 @@ def read_model_state(path: str | Path, tag: Optional[str] = None) -> ModelState:
                                 f"of {tag_dir})")
     config = load_config(config_path)
     try:
-        tokenizer = Tokenizer.from_config(config.data.tokenizer)
+        tokenizer = Tokenizer.from_config(config.data.tokenizer, config.model.sos_eos_id)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"{config_path}: the run's tokenizer cannot be read: {e}") from None
     return ModelState(_fp32(read_deepspeed_model(tag_dir)), config, tokenizer, tag_dir, {})

@@ -30,8 +30,11 @@ def normalize_text(text: str, cfg: TokenizerConfig) -> str:
     return " ".join(text.split())
 
 
-def read_symbol_table(path: str | Path) -> dict[str, int]:
-    """Load ``units.txt`` and check the id convention, so a wrong table fails here, not in the loss."""
+def read_symbol_table(path: str | Path, sos_eos: symbols.SosEos = symbols.LAST) -> dict[str, int]:
+    """Load ``units.txt`` and check the id convention, so a wrong table fails here, not in the loss.
+
+    ``sos_eos`` is where the model expects ``<sos/eos>`` (``model.sos_eos_id``).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: symbol table not found (make one with `moe-asr train-tokenizer`)")
@@ -43,21 +46,30 @@ def read_symbol_table(path: str | Path) -> dict[str, int]:
         if len(parts) != 2 or not parts[1].isdigit():
             raise ValueError(f"{path}:{n}: expected 'token id', got {line!r}")
         table[parts[0]] = int(parts[1])
-    ids = sorted(table.values())
-    if ids != list(range(len(ids))):
-        raise ValueError(f"{path}: ids must be 0..{len(ids) - 1} without gaps or repeats")
-    special = symbols.special_ids(len(ids))
-    if any(table.get(s) != i for s, i in special.items()):
-        need = ", ".join(f"{s}={i}" for s, i in special.items())
-        raise ValueError(f"{path}: needs {need}")
+    check_symbol_table(table, sos_eos, str(path))
     return table
 
 
-def write_symbol_table(tokens: Iterable[str], path: str | Path) -> int:
+def check_symbol_table(table: dict[str, int], sos_eos: symbols.SosEos = symbols.LAST,
+                       source: str = "symbol table") -> None:
+    """Ids ``0..N-1`` without gaps, the special symbols at the ids of ``moe_asr.symbols``."""
+    ids = sorted(table.values())
+    if ids != list(range(len(ids))):
+        raise ValueError(f"{source}: ids must be 0..{len(ids) - 1} without gaps or repeats")
+    try:
+        special = symbols.special_ids(len(ids), sos_eos)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    if any(table.get(s) != i for s, i in special.items()):
+        need = ", ".join(f"{s}={i}" for s, i in special.items())
+        raise ValueError(f"{source}: needs {need} (model.sos_eos_id: {sos_eos})")
+
+
+def write_symbol_table(tokens: Iterable[str], path: str | Path, sos_eos: symbols.SosEos = symbols.LAST) -> int:
     """Write the special symbols at their ids and ``tokens`` in order in the others; returns vocab_size."""
     real = [t for t in dict.fromkeys(tokens) if t not in symbols.SPECIAL_SYMBOLS]
     vocab_size = len(real) + len(symbols.SPECIAL_SYMBOLS)
-    special = {i: s for s, i in symbols.special_ids(vocab_size).items()}
+    special = {i: s for s, i in symbols.special_ids(vocab_size, sos_eos).items()}
     rest = iter(real)
     units = [special[i] if i in special else next(rest) for i in range(vocab_size)]
     Path(path).write_text("".join(f"{u} {i}\n" for i, u in enumerate(units)), encoding="utf-8")
@@ -65,20 +77,27 @@ def write_symbol_table(tokens: Iterable[str], path: str | Path) -> int:
 
 
 class Tokenizer:
-    """Normalise, split into tokens, map through the symbol table (unknown tokens -> ``<unk>``)."""
+    """Normalise, split into tokens, map through the symbol table (unknown tokens -> ``<unk>``).
+
+    ``sos_eos`` is the model's ``model.sos_eos_id``: the table must hold ``<sos/eos>``
+    there, so a tokenizer and a model that disagree fail when the tokenizer is made.
+    """
 
     blank_id = symbols.BLANK_ID
     unk_id = symbols.UNK_ID
 
-    def __init__(self, cfg: TokenizerConfig, symbol_table: dict[str, int], sp_model: Optional[bytes] = None):
+    def __init__(self, cfg: TokenizerConfig, symbol_table: dict[str, int], sp_model: Optional[bytes] = None,
+                 sos_eos: symbols.SosEos = symbols.LAST):
+        check_symbol_table(symbol_table, sos_eos, cfg.symbol_table or "symbol table")
         self.cfg = cfg
+        self.sos_eos = sos_eos
         self.symbol_table = symbol_table
         self.id_to_token = {i: t for t, i in symbol_table.items()}
         self._sp_model = sp_model
         self._sp = None
 
     @classmethod
-    def from_config(cls, cfg: TokenizerConfig) -> "Tokenizer":
+    def from_config(cls, cfg: TokenizerConfig, sos_eos: symbols.SosEos = symbols.LAST) -> "Tokenizer":
         if cfg.symbol_table is None:
             raise ValueError("data.tokenizer.symbol_table is not set (make one with `moe-asr train-tokenizer`)")
         sp_model = None
@@ -87,7 +106,7 @@ class Tokenizer:
             if not model.is_file():
                 raise FileNotFoundError(f"{model}: sentencepiece model (data.tokenizer.bpe_model) not found")
             sp_model = model.read_bytes()
-        return cls(cfg, read_symbol_table(cfg.symbol_table), sp_model)
+        return cls(cfg, read_symbol_table(cfg.symbol_table, sos_eos), sp_model, sos_eos)
 
     @property
     def vocab_size(self) -> int:
@@ -95,7 +114,7 @@ class Tokenizer:
 
     @property
     def sos_eos_id(self) -> int:
-        return symbols.sos_eos_id(self.vocab_size)
+        return symbols.sos_eos_id(self.vocab_size, self.sos_eos)
 
     def __getstate__(self) -> dict:
         # The sentencepiece processor is rebuilt from the model bytes in each DataLoader worker.

@@ -41,14 +41,18 @@ class MultiHeadedAttention(nn.Module):
 
 
 class RelPositionMultiHeadedAttention(MultiHeadedAttention):
-    """Transformer-XL attention: content term plus a term of the relative distance.
+    """Transformer-XL attention: content term plus a position term.
 
+    ``shift``: the position term scores the distance ``i - j`` (``pos_emb``
+    per distance, see ``RelPositionalEncoding``); without it, WeNet's variant,
+    it scores each key's own encoding (``pos_emb`` per key).
     ``cache [B, h, T_cache, 2 * d_k]`` holds keys and values of earlier frames;
     the new cache (cache + this chunk) is returned for the caller to trim.
     """
 
-    def __init__(self, n_head: int, n_feat: int, dropout: float) -> None:
+    def __init__(self, n_head: int, n_feat: int, dropout: float, shift: bool = True) -> None:
         super().__init__(n_head, n_feat, dropout)
+        self.shift = shift
         self.linear_pos = nn.Linear(n_feat, n_feat, bias=False)
         self.pos_bias_u = nn.Parameter(torch.empty(self.h, self.d_k))
         self.pos_bias_v = nn.Parameter(torch.empty(self.h, self.d_k))
@@ -66,7 +70,9 @@ class RelPositionMultiHeadedAttention(MultiHeadedAttention):
         new_cache = torch.cat([k, v], dim=-1)
         p = self.linear_pos(pos_emb).view(1, -1, self.h, self.d_k).transpose(1, 2)
         content = (q + self.pos_bias_u.unsqueeze(1)) @ k.transpose(-2, -1)
-        position = rel_shift((q + self.pos_bias_v.unsqueeze(1)) @ p.transpose(-2, -1), k.shape[2])
+        position = (q + self.pos_bias_v.unsqueeze(1)) @ p.transpose(-2, -1)
+        if self.shift:
+            position = rel_shift(position, k.shape[2])
         return self.attend(v, (content + position) / math.sqrt(self.d_k), mask), new_cache
 
 

@@ -11,6 +11,7 @@ from typing import Literal, Optional
 
 from moe_asr.moe.config import MoEConfig
 from moe_asr.schema import check
+from moe_asr.symbols import LAST, SosEos, sos_eos_id
 
 Activation = Literal["swish", "relu", "gelu"]
 
@@ -27,14 +28,28 @@ class EncoderConfig:
     input_layer: Literal["conv2d", "conv2d6", "conv2d8"] = "conv2d"
     macaron_style: bool = True
     use_cnn_module: bool = True
+    # Odd, or any size >= 1 with causal convolution (WeNet's U2++ recipes use 8).
     cnn_module_kernel: int = 15
     cnn_module_norm: Literal["batch_norm", "layer_norm"] = "layer_norm"
     causal: bool = True
+    # Where causal convolution gets its kernel - 1 frames of left context (zeros at
+    # the start, the cache when streaming): `glu_output` pads the GLU output, so
+    # the depthwise conv sees exact zeros; `input` pads the module's input before
+    # pointwise_conv1 and the GLU (WeNet's, so its first frames see glu(bias)),
+    # for models imported from WeNet. Needs causal: true.
+    causal_pad: Literal["glu_output", "input"] = "glu_output"
+    # Relative-position attention: true scores the distance i - j (Transformer-XL
+    # shift); false scores the absolute key position, as WeNet's attention does
+    # (it drops the shift), for models imported from WeNet.
+    rel_pos_shift: bool = True
     activation: Activation = "swish"
     # Dynamic chunk training (U2): per batch a random chunk size, so one model
     # decodes both streaming and full context.
     use_dynamic_chunk: bool = True
     use_dynamic_left_chunk: bool = False
+    # Largest chunk (encoder frames) of the dynamic draw `c % max_dynamic_chunk + 1`.
+    # WeNet fixes 25 (1 s at 4x subsampling) for every rate; 1 s at 6x/8x is 16/12.
+    max_dynamic_chunk: int = 25
     # >0: train with this fixed chunk size instead (ignored with dynamic chunk).
     static_chunk_size: int = 0
 
@@ -42,7 +57,11 @@ class EncoderConfig:
         check(self.output_size % self.attention_heads == 0, "output_size",
               f"{self.output_size} is not divisible by attention_heads={self.attention_heads}")
         check(self.num_blocks >= 1, "num_blocks", "must be >= 1")
-        check(self.cnn_module_kernel % 2 == 1, "cnn_module_kernel", "must be odd")
+        check(self.cnn_module_kernel >= 1 and (self.causal or self.cnn_module_kernel % 2 == 1),
+              "cnn_module_kernel", f"must be odd without causal convolution, got {self.cnn_module_kernel}")
+        check(self.causal or self.causal_pad == "glu_output", "causal_pad",
+              "input padding is for causal convolution (causal: true)")
+        check(self.max_dynamic_chunk >= 1, "max_dynamic_chunk", "must be >= 1")
         check(self.static_chunk_size >= 0, "static_chunk_size", "must be >= 0")
 
 
@@ -78,9 +97,16 @@ class ModelConfig:
     reverse_weight: float = 0.3
     lsm_weight: float = 0.1
     length_normalized_loss: bool = False
+    # Id of <sos/eos>: "last" (vocab_size - 1, our tables) or a fixed id, e.g. 2 for
+    # WeNet's newer recipes; the symbol table must agree (moe_asr/symbols.py).
+    sos_eos_id: SosEos = LAST
 
     def __post_init__(self) -> None:
         check(self.vocab_size >= 3, "vocab_size", "needs at least <blank>, one token and <sos/eos>")
+        try:
+            sos_eos_id(self.vocab_size, self.sos_eos_id)
+        except ValueError as e:
+            check(False, "sos_eos_id", str(e))
         check(0.0 <= self.ctc_weight <= 1.0, "ctc_weight", "must be in [0, 1]")
         check(0.0 <= self.reverse_weight <= 1.0, "reverse_weight", "must be in [0, 1]")
         check(self.decoder.r_num_blocks > 0 or self.reverse_weight == 0.0, "reverse_weight",

@@ -32,7 +32,7 @@ class StreamState:
     offset: int                 # encoder frames produced so far (same for every stream)
     lengths: Tensor             # [B] valid encoder frames so far (stops growing at the end)
     att_cache: list[Tensor]     # per layer [B, h, T_cache, 2 * d_k]
-    cnn_cache: list[Tensor]     # per layer [B, C, kernel - 1]
+    cnn_cache: list[Tensor]     # per layer [B, C, kernel - 1]: GLU outputs or module inputs (causal_pad)
 
 
 class ConformerEncoder(nn.Module):
@@ -43,7 +43,7 @@ class ConformerEncoder(nn.Module):
         d = cfg.output_size
         self.global_cmvn = cmvn
         self.embed = Conv2dSubsampling(input_dim, d, RATES[cfg.input_layer])
-        self.pos_enc = RelPositionalEncoding(d, cfg.positional_dropout_rate)
+        self.pos_enc = RelPositionalEncoding(d, cfg.positional_dropout_rate, cfg.rel_pos_shift)
 
         def ffn() -> nn.Module:
             return build_ffn(moe, d, cfg.linear_units, cfg.activation, cfg.dropout_rate)
@@ -51,10 +51,12 @@ class ConformerEncoder(nn.Module):
         self.encoders = nn.ModuleList(
             ConformerEncoderLayer(
                 d,
-                RelPositionMultiHeadedAttention(cfg.attention_heads, d, cfg.attention_dropout_rate),
+                RelPositionMultiHeadedAttention(cfg.attention_heads, d, cfg.attention_dropout_rate,
+                                                cfg.rel_pos_shift),
                 ffn(),
                 ffn() if cfg.macaron_style else None,
-                ConvolutionModule(d, cfg.cnn_module_kernel, cfg.activation, cfg.cnn_module_norm, cfg.causal)
+                ConvolutionModule(d, cfg.cnn_module_kernel, cfg.activation, cfg.cnn_module_norm, cfg.causal,
+                                  cfg.causal_pad)
                 if cfg.use_cnn_module else None,
                 cfg.dropout_rate,
             )
@@ -65,11 +67,13 @@ class ConformerEncoder(nn.Module):
     def output_size(self) -> int:
         return self.cfg.output_size
 
-    def _front(self, xs: Tensor, mask: Tensor, cache_len: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _front(self, xs: Tensor, mask: Tensor, cache_len: int, offset: int) -> tuple[Tensor, Tensor, Tensor]:
+        """CMVN, subsampling and the position encodings of ``cache_len`` cached frames + this
+        window's, the window's first frame at ``offset``."""
         if self.global_cmvn is not None:
             xs = self.global_cmvn(xs)
         xs, mask = self.embed(xs, mask)
-        xs, pos_emb = self.pos_enc(xs, cache_len)
+        xs, pos_emb = self.pos_enc(xs, cache_len, offset)
         return xs, pos_emb, mask
 
     def _chunking(self, frames: int, chunk_size: int, num_left_chunks: int) -> tuple[int, int]:
@@ -77,7 +81,7 @@ class ConformerEncoder(nn.Module):
         if chunk_size != 0:
             return chunk_size, num_left_chunks
         if self.cfg.use_dynamic_chunk:
-            return sample_dynamic_chunk(frames, self.cfg.use_dynamic_left_chunk)
+            return sample_dynamic_chunk(frames, self.cfg.use_dynamic_left_chunk, self.cfg.max_dynamic_chunk)
         if self.cfg.static_chunk_size > 0:
             return self.cfg.static_chunk_size, num_left_chunks
         return -1, -1
@@ -91,7 +95,7 @@ class ConformerEncoder(nn.Module):
         (dynamic or static chunk from the config).
         """
         mask = ~make_pad_mask(xs_lens, xs.shape[1]).unsqueeze(1)
-        xs, pos_emb, mask = self._front(xs, mask, 0)
+        xs, pos_emb, mask = self._front(xs, mask, 0, 0)
         chunk, left = self._chunking(xs.shape[1], chunk_size, num_left_chunks)
         att_mask = chunk_attention_mask(mask, chunk, left)
         for layer in self.encoders:
@@ -117,7 +121,7 @@ class ConformerEncoder(nn.Module):
         """
         cache_len = state.att_cache[0].shape[2]
         mask = ~make_pad_mask(xs_lens, xs.shape[1]).unsqueeze(1)
-        xs, pos_emb, mask = self._front(xs, mask, cache_len)
+        xs, pos_emb, mask = self._front(xs, mask, cache_len, state.offset)
         cache_pos = torch.arange(state.offset - cache_len, state.offset, device=xs.device)
         cache_valid = cache_pos.unsqueeze(0) < state.lengths.unsqueeze(1)
         att_mask = torch.cat([cache_valid.unsqueeze(1), mask], dim=2)

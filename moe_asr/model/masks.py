@@ -34,11 +34,11 @@ def subsequent_chunk_mask(size: int, chunk_size: int, num_left_chunks: int = -1,
     return (idx.unsqueeze(0) >= start.unsqueeze(1)) & (idx.unsqueeze(0) < end.unsqueeze(1))
 
 
-def sample_dynamic_chunk(max_len: int, use_dynamic_left_chunk: bool) -> tuple[int, int]:
-    """WeNet's per-batch draw: half the time full context, else a chunk of 1..25 frames.
+def sample_dynamic_chunk(max_len: int, use_dynamic_left_chunk: bool, max_chunk: int = 25) -> tuple[int, int]:
+    """WeNet's per-batch draw: half the time full context, else a chunk of 1..``max_chunk`` frames.
 
-    ``c = randint(1, T)``; if ``c > T // 2`` full context, else ``c % 25 + 1``;
-    with dynamic left chunks, ``randint(0, (T - 1) // c)`` left chunks.
+    ``c = randint(1, T)``; if ``c > T // 2`` full context, else ``c % max_chunk + 1``
+    (WeNet: 25); with dynamic left chunks, ``randint(0, (T - 1) // c)`` left chunks.
     Uses torch's global RNG so a seeded, resumed run draws the same sizes.
     """
     if max_len <= 1:
@@ -46,7 +46,7 @@ def sample_dynamic_chunk(max_len: int, use_dynamic_left_chunk: bool) -> tuple[in
     chunk = int(torch.randint(1, max_len, (1,)).item())
     if chunk > max_len // 2:
         return max_len, -1
-    chunk = chunk % 25 + 1
+    chunk = chunk % max_chunk + 1
     num_left = -1
     if use_dynamic_left_chunk:
         max_left = (max_len - 1) // chunk

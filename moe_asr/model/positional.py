@@ -1,9 +1,12 @@
-"""Sinusoidal position encodings: absolute for the decoders, relative for the encoder.
+"""Sinusoidal position encodings: absolute for the decoders, for the encoder's attention either.
 
-The encoder's attention uses true relative positions (Transformer-XL style): the
-score of query i and key j depends on ``i - j`` only. A chunk attending to its
-cache then sees exactly the encodings a full-utterance forward would, whatever
-the absolute offset, which is what makes streaming equal full context.
+By default the encoder's attention uses true relative positions (Transformer-XL
+style): the score of query i and key j depends on ``i - j`` only, so a chunk
+attending to its cache sees the encodings a full-utterance forward would,
+whatever the absolute offset. WeNet's attention drops the shift and scores the
+absolute position of each key instead (``encoder.rel_pos_shift: false``); then
+streaming equals full context because a chunk's keys (cache + chunk) get the
+encodings of their absolute positions.
 """
 from __future__ import annotations
 
@@ -37,21 +40,26 @@ class PositionalEncoding(nn.Module):
 
 
 class RelPositionalEncoding(nn.Module):
-    """Scales the input by sqrt(d) and gives encodings of relative distances.
+    """Scales the input by sqrt(d) and gives the encodings the encoder's attention scores.
 
-    For ``q_len`` queries that are the last ``q_len`` of ``k_len`` keys, the
-    distances ``i - j`` run from ``k_len - 1`` down to ``-(q_len - 1)``: the
-    returned ``[1, k_len + q_len - 1, d]`` lists them in that order.
+    For ``q_len`` queries that are the last ``q_len`` of ``k_len = cache_len +
+    q_len`` keys: with ``shift`` the distances ``i - j`` from ``k_len - 1`` down
+    to ``-(q_len - 1)``, ``[1, k_len + q_len - 1, d]``; without, the keys'
+    absolute positions ``offset - cache_len .. offset + q_len - 1``, ``[1,
+    k_len, d]``, where ``offset`` is the first query's position.
     """
 
-    def __init__(self, d_model: int, dropout: float) -> None:
+    def __init__(self, d_model: int, dropout: float, shift: bool = True) -> None:
         super().__init__()
         self.d_model = d_model
+        self.shift = shift
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, cache_len: int = 0) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, cache_len: int = 0, offset: int = 0) -> tuple[Tensor, Tensor]:
         q_len = x.shape[1]
-        k_len = cache_len + q_len
-        dist = torch.arange(k_len - 1, -q_len, -1, device=x.device)
-        pos_emb = sinusoid(dist, self.d_model).to(x.dtype).unsqueeze(0)
+        if self.shift:
+            pos = torch.arange(cache_len + q_len - 1, -q_len, -1, device=x.device)
+        else:
+            pos = torch.arange(offset - cache_len, offset + q_len, device=x.device)
+        pos_emb = sinusoid(pos, self.d_model).to(x.dtype).unsqueeze(0)
         return self.dropout(x * math.sqrt(self.d_model)), self.dropout(pos_emb)

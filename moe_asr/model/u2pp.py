@@ -28,7 +28,7 @@ class U2PPModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = cfg.vocab_size
-        self.sos = self.eos = sos_eos_id(cfg.vocab_size)
+        self.sos = self.eos = sos_eos_id(cfg.vocab_size, cfg.sos_eos_id)
         self.encoder = ConformerEncoder(cfg.encoder, cfg.input_dim, cfg.moe, cmvn)
         d = cfg.encoder.output_size
         self.decoder = BiTransformerDecoder(cfg.vocab_size, d, cfg.decoder, cfg.moe)

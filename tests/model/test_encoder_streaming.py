@@ -1,15 +1,18 @@
 """Streaming == full context: chunk-by-chunk with caches gives the chunk-masked forward's output."""
+from dataclasses import replace
+
 import pytest
 import torch
 
 from moe_asr.model.encoder import ConformerEncoder
+from moe_asr.schema import ConfigError
 
 from tests.helpers import tiny_config
 
 
-def _encoder(input_layer: str = "conv2d", norm: str = "layer_norm") -> ConformerEncoder:
+def _encoder(input_layer: str = "conv2d", norm: str = "layer_norm", **encoder_kw) -> ConformerEncoder:
     cfg = tiny_config(input_layer=input_layer, cnn_module_norm=norm)
-    return ConformerEncoder(cfg.encoder, cfg.input_dim, cfg.moe).eval()
+    return ConformerEncoder(replace(cfg.encoder, **encoder_kw), cfg.input_dim, cfg.moe).eval()
 
 
 @pytest.mark.parametrize("chunk,left", [(1, -1), (4, -1), (4, 1), (3, 0), (8, 2), (16, -1)])
@@ -24,6 +27,45 @@ def test_batched_streaming_equals_chunk_masked_forward(chunk, left):
     assert torch.equal(stream_mask, mask)
     valid = mask.squeeze(1)
     torch.testing.assert_close(stream[valid], full[valid], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", [5, 8])
+@pytest.mark.parametrize("causal_pad", ["glu_output", "input"])
+@pytest.mark.parametrize("rel_pos_shift", [True, False])
+@pytest.mark.parametrize("chunk,left", [(1, -1), (4, 1), (8, 2)])
+def test_streaming_equals_chunk_masked_forward_for_every_option(rel_pos_shift, causal_pad, kernel, chunk, left):
+    """Both attention variants x both causal paddings, odd and even kernels, a padded batch."""
+    enc = _encoder(rel_pos_shift=rel_pos_shift, causal_pad=causal_pad, cnn_module_kernel=kernel)
+    lens = torch.tensor([171, 120, 9])
+    xs = torch.randn(3, 171, 20)
+    with torch.no_grad():
+        full, mask = enc(xs, lens, chunk, left)
+        stream, stream_mask = enc.forward_chunk_by_chunk(xs, lens, chunk, left)
+        alone, _ = enc(xs[1:2, :120], lens[1:2], chunk, left)
+    assert torch.equal(stream_mask, mask)
+    valid = mask.squeeze(1)
+    torch.testing.assert_close(stream[valid], full[valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full[1, :alone.shape[1]], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_wenet_options_change_the_function():
+    """The options are not vacuous: same weights, different attention or padding, different output."""
+    xs, lens = torch.randn(1, 80, 20), torch.tensor([80])
+    base = _encoder()
+    with torch.no_grad():
+        ref, _ = base(xs, lens, 4, -1)
+        for option in ({"rel_pos_shift": False}, {"causal_pad": "input"}):
+            other = _encoder(**option)
+            other.load_state_dict(base.state_dict())
+            out, _ = other(xs, lens, 4, -1)
+            assert (out - ref).abs().max() > 1e-3, option
+
+
+def test_even_kernel_needs_causal_convolution():
+    with pytest.raises(ConfigError, match="cnn_module_kernel"):
+        replace(tiny_config().encoder, causal=False, cnn_module_kernel=8)
+    with pytest.raises(ConfigError, match="causal_pad"):
+        replace(tiny_config().encoder, causal=False, causal_pad="input")
 
 
 @pytest.mark.parametrize("input_layer", ["conv2d6", "conv2d8"])

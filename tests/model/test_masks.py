@@ -33,3 +33,13 @@ def test_dynamic_chunk_rule_matches_wenet():
                 assert (chunk, left) == (c, expect_left)
                 assert 1 <= chunk <= 25
     assert sample_dynamic_chunk(1, True) == (1, -1)
+
+
+def test_dynamic_chunk_maximum_is_a_parameter():
+    """``encoder.max_dynamic_chunk`` replaces WeNet's 25 in ``c % max + 1``; the full-context half is unchanged."""
+    for seed in range(40):
+        torch.manual_seed(seed)
+        chunk, left = sample_dynamic_chunk(300, False, max_chunk=8)
+        torch.manual_seed(seed)
+        c = int(torch.randint(1, 300, (1,)))
+        assert (chunk, left) == ((300, -1) if c > 150 else (c % 8 + 1, -1))
