@@ -2,7 +2,11 @@
 
 Runs the same under ``deepspeed --num_gpus N``, ``deepspeed --hostfile``,
 ``torchrun`` and as one plain process. Resumes from ``<out-dir>/checkpoints/latest``
-when it exists (``--resume TAG`` picks another checkpoint).
+when it exists (``--resume TAG`` picks another checkpoint). ``--init-from model.pt``
+starts a new run from a consolidated model file instead, at this run's layout:
+with the file's training state (``moe-asr convert ds-to-pt --with-optimizer``) it
+continues the old run, moments and schedule included, at another ep_size, world
+size or ZeRO stage, which DeepSpeed's own checkpoints refuse.
 """
 from __future__ import annotations
 
@@ -16,8 +20,11 @@ import numpy as np
 import torch
 import yaml
 
+from moe_asr.checkpoint import read_model_state
+from moe_asr.engine.checkpoint import LATEST
 from moe_asr.engine.config import ConfigError, ExperimentConfig, save_config
-from moe_asr.schema import from_dict
+from moe_asr.engine.training_state import TrainingState, apply_training_state
+from moe_asr.schema import from_dict, to_dict
 
 log = logging.getLogger("moe_asr.train")
 
@@ -34,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="TAG",
                    help="resume from checkpoint TAG (default: latest); without this flag training "
                         "resumes from latest automatically when it exists")
+    p.add_argument("--init-from", metavar="MODEL_PT",
+                   help="start from a consolidated model file (moe-asr convert ds-to-pt/average/upcycle/from-wenet) "
+                        "at this run's layout (any ep_size, world size, ZeRO stage); its training state "
+                        "(ds-to-pt --with-optimizer) continues the run, else --fresh-optimizer is required")
+    p.add_argument("--fresh-optimizer", action="store_true",
+                   help="with --init-from: new AdamW moments, LR schedule and counters from step 0")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set model.moe.ep_size=2 (VALUE is YAML); repeatable")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -64,6 +77,30 @@ def load_experiment(path: str, overrides: list[str], train_shards: Optional[str]
         raise ConfigError(f"{path}: {e}") from None
 
 
+# Model config keys a run may change when it starts from another run's weights: the layout.
+LAYOUT_KEYS = ("ep_size", "impl")
+
+
+def _init_from(path: str, cfg: ExperimentConfig, fresh_optimizer: bool) -> tuple[dict, Optional[TrainingState]]:
+    """The weights (and training state, unless ``fresh_optimizer``) of the model file ``path`` for ``cfg``."""
+    ms = read_model_state(path)
+    ours, theirs = to_dict(cfg.model), to_dict(ms.config.model)
+    for section in (ours, theirs):
+        section["cmvn"] = None  # the statistics travel in the weights
+        for key in LAYOUT_KEYS:
+            section["moe"].pop(key)
+    if ours != theirs:
+        key = next(k for k in ours if ours[k] != theirs.get(k))
+        raise ConfigError(f"--init-from {path}: its model differs from this config's at model.{key} "
+                          f"({theirs.get(key)!r} vs {ours[key]!r}); only model.moe.{'/'.join(LAYOUT_KEYS)} may change")
+    state = ms.extra.get("training_state")
+    if state is None and not fresh_optimizer:
+        raise ConfigError(f"--init-from {path}: the file has no training state (write it with "
+                          f"`moe-asr convert ds-to-pt --with-optimizer`); pass --fresh-optimizer to start the "
+                          f"optimizer and the LR schedule anew")
+    return ms.state, None if fresh_optimizer else TrainingState(**state)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = load_experiment(args.config, args.set, args.train_shards, args.cv_shards)
@@ -76,18 +113,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     from moe_asr.engine.logging import setup_console
     from moe_asr.engine.loop import Trainer
 
-    tokenizer = Tokenizer.from_config(cfg.data.tokenizer)
+    tokenizer = Tokenizer.from_config(cfg.data.tokenizer, cfg.model.sos_eos_id)
     if tokenizer.vocab_size != cfg.model.vocab_size:
-        # The model's <sos/eos> id is vocab_size - 1: a mismatch trains silently wrong targets.
+        # The model's <sos/eos> id depends on vocab_size: a mismatch trains silently wrong targets.
         raise ConfigError(f"{args.config}: model.vocab_size is {cfg.model.vocab_size}, but the symbol table "
                           f"{cfg.data.tokenizer.symbol_table} has {tokenizer.vocab_size} entries")
     ds_config = deepspeed_config(args.deepspeed_config, cfg.train)
     info = init_distributed()
     setup_console(info.rank)
+    weights, state = _init_from(args.init_from, cfg, args.fresh_optimizer) if args.init_from else (None, None)
+    if args.init_from and (out_dir / "checkpoints" / LATEST).is_file():
+        raise ConfigError(f"--init-from: {out_dir} already holds a run (checkpoints/{LATEST}); resume it, "
+                          f"or start from {args.init_from} in another --out-dir")
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "train.yaml")
-    tm = build_engine(cfg, ds_config, info)
+    tm = build_engine(cfg, ds_config, info, weights)
     # Training randomness (dropout, dynamic chunks) differs per rank; a resume restores it.
     seed = cfg.train.seed + info.rank
     torch.manual_seed(seed)
@@ -100,6 +141,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise FileNotFoundError(f"--resume: no checkpoint under {trainer.checkpointer.root}")
     if tag is not None:
         trainer.resume(tag)
+    elif state is not None:
+        apply_training_state(tm.engine, tm.model, tm.zero_stage, state, weights)
+        trainer.continue_from(state)
+        log.info("continuing %s at step %d (AdamW moments, LR schedule and counters from the file; was %s)",
+                 args.init_from, state.step, state.layout)
+    elif weights is not None:
+        log.info("starting from the weights of %s with a fresh optimizer and LR schedule", args.init_from)
     log.info("training %s on %d rank(s), ep_size %d, ZeRO stage %d -> %s", args.config, info.world_size,
              cfg.model.moe.ep_size, tm.zero_stage, out_dir)
     trainer.fit()

@@ -40,6 +40,11 @@ class CheckpointInfo:
     cv_loss: Optional[float] = None
 
 
+def trainer_state_file(rank: int) -> str:
+    """Rank ``rank``'s loop counters, loader position and RNG inside a checkpoint tag directory."""
+    return f"trainer_state_rank_{rank}.pt"
+
+
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
@@ -84,7 +89,7 @@ class Checkpointer:
         """Collective: every rank writes its part; ``latest`` moves after all have finished."""
         self.engine.save_checkpoint(str(self.root), info.tag, client_state={"trainer": asdict(info)},
                                     save_latest=False)
-        torch.save({**trainer_state, "rng": rng_state()}, self.root / info.tag / f"trainer_state_rank_{self.rank}.pt")
+        torch.save({**trainer_state, "rng": rng_state()}, self.root / info.tag / trainer_state_file(self.rank))
         dist.barrier()
         if self.rank == 0:
             index = [c for c in self.index() if c.tag != info.tag] + [info]
@@ -109,7 +114,7 @@ class Checkpointer:
                                               load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}")
-        state_file = self.root / tag / f"trainer_state_rank_{self.rank}.pt"
+        state_file = self.root / tag / trainer_state_file(self.rank)
         if not state_file.is_file():
             raise FileNotFoundError(f"{state_file} is missing: the checkpoint was written by fewer ranks "
                                     f"(resume needs the same number of ranks)")

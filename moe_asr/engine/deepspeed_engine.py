@@ -57,10 +57,16 @@ class TrainingModel:
     zero_stage: int
 
 
-def build_engine(cfg: ExperimentConfig, ds_config: dict, info: DistInfo) -> TrainingModel:
-    """Build the model, keep this rank's experts, make DeepSpeed see its MoE layers, and wrap it."""
+def build_engine(cfg: ExperimentConfig, ds_config: dict, info: DistInfo,
+                 weights: dict[str, torch.Tensor] | None = None) -> TrainingModel:
+    """Build the model, keep this rank's experts, make DeepSpeed see its MoE layers, and wrap it.
+
+    ``weights``: a whole model's state (every expert) to start from instead of the seeded init.
+    """
     torch.manual_seed(cfg.train.seed)  # same dense weights on every rank, same experts for any ep_size
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, load_cmvn=weights is None)
+    if weights is not None:
+        model.load_state_dict(weights)
     layers = prepare_moe_layers(model, cfg.model.moe.ep_size)
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     optimizer = build_optimizer(model, cfg.train, stage)

@@ -45,6 +45,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from moe_asr.moe.experts import PARAMS
 from moe_asr.moe.layer import MoEFeedForward
@@ -177,7 +178,7 @@ def read_deepspeed_model(tag_dir: Path) -> dict[str, Tensor]:
     if not model_file.is_file():
         raise FileNotFoundError(f"{tag_dir}: not a DeepSpeed checkpoint (no {MODEL_FILE})")
     state = dict(load_file(model_file)["module"])
-    for f in sorted(tag_dir.glob(EXPERT_FILE_GLOB)):
+    for f in tqdm(sorted(tag_dir.glob(EXPERT_FILE_GLOB)), desc="expert files", unit="file", disable=None):
         state.update(load_file(f))
     return gather_experts(state, str(tag_dir))
 

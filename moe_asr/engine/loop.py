@@ -35,6 +35,7 @@ from moe_asr.engine.deepspeed_engine import TrainingModel
 from moe_asr.engine.distributed import DistInfo, all_reduce, all_reduce_named
 from moe_asr.engine.expert_load import ExpertLoad
 from moe_asr.engine.logging import TrainLogger, read_metrics
+from moe_asr.engine.training_state import TrainingState
 from moe_asr.model.u2pp import LOSS_KEYS
 
 log = logging.getLogger("moe_asr.train")
@@ -99,12 +100,33 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def resume(self, tag: str) -> None:
-        state = self.checkpointer.load(tag)
+        self._restore(self.checkpointer.load(tag))
+        log.info("resumed from %s: epoch %d, step %d", tag, self.state.epoch, self.state.step)
+
+    def _restore(self, state: dict) -> None:
+        """This rank's loop counters, loader position, expert-load totals and RNG, as a checkpoint holds them."""
         self.state = LoopState(**state["loop"])
         self.train_loader.load_state_dict(state["loader"])
         self.expert_load.load_state_dict(state)
         set_rng_state(state["rng"])
-        log.info("resumed from %s: epoch %d, step %d", tag, self.state.epoch, self.state.step)
+
+    def continue_from(self, ts: TrainingState) -> None:
+        """Continue a run from its layout-free training state (the engine already holds its optimizer state).
+
+        At the old world size each rank takes its old rank's loader position and
+        RNG, so the run goes on exactly as it would have; at another world size
+        the shards are split differently, so the interrupted epoch starts again
+        from its beginning with this run's seeds (and rank 0 carries the expert-load totals).
+        """
+        if len(ts.ranks) == self.info.world_size:
+            self._restore(ts.ranks[self.info.rank])
+            return
+        self.state = LoopState(**ts.loop)
+        if self.info.is_main:
+            self.expert_load.load_state_dict({"expert_tokens": sum(r["expert_tokens"] for r in ts.ranks)})
+        log.warning("the training state comes from %d rank(s), this run has %d: epoch %d restarts from its "
+                    "first batch (steps and schedule continue from step %d)", len(ts.ranks), self.info.world_size,
+                    self.state.epoch, self.state.step)
 
     def _save(self, tag: str, epoch: int, cv_loss: Optional[float]) -> None:
         self.checkpointer.save(CheckpointInfo(tag, self.state.step, epoch, cv_loss),

@@ -85,6 +85,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, zero_stage: int) -> torc
     groups_ = param_groups(model, cfg.weight_decay)
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if zero_stage == 0:
+        # Named groups (torch's `param_names`): the saved state then says which moments are whose,
+        # which the layout-free training state reads. ZeRO keeps its own names (param_slice_mappings).
+        names = {id(p): n for n, p in model.named_parameters()}
+        for group in groups_:
+            group["param_names"] = [names[id(p)] for p in group["params"]]
         return Stage0AdamW(groups_, cfg.grad_clip, **kwargs)
     return torch.optim.AdamW(groups_, **kwargs)
 

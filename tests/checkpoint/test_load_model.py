@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from moe_asr.checkpoint import load_model, read_model_state, save_model
-from tests.checkpoint.snapshot import assert_same, snapshot
+from tests.checkpoint.snapshot import METHODS, WAVS, assert_same, snapshot
 from tests.engine.conftest import REPO, SMALL_MODEL, data_overrides, run_training, train_cmd
 
 HERE = Path(__file__).resolve().parent
@@ -30,7 +30,7 @@ def trained_run(small_corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ep2_zero2")
     overrides = {**SMALL_MODEL, **data_overrides(small_corpus), "model.moe.ep_size": 2, "train.max_steps": 3,
                  "train.max_epochs": 1, "train.log_interval": 1, "train.warmup_steps": 1}
-    run_training(train_cmd(small_corpus, out, str(REPO / "ds_configs/zero2_cpu.json"), overrides, 29651,
+    run_training(train_cmd(small_corpus, out, str(REPO / "ds_configs/zero2_cpu.json"), overrides, 29655,
                            script=str(HERE / "train_and_snapshot.py")))
     return out
 
@@ -57,7 +57,7 @@ for path, tag in ways:
     layers = [m for m in loaded.model.modules() if isinstance(m, MoEFeedForward)]
     assert layers and all(type(m) is MoEFeedForward and m.experts.num_local == m.num_experts for m in layers)
     assert not [p for p in loaded.model.parameters() if hasattr(p, "allreduce") or hasattr(p, "group_name")]
-    assert_same(live, snapshot(loaded.model, loaded.config.model.input_dim))
+    assert_same(live, snapshot(loaded.model, loaded.config))
 leaked = sorted(m for m in sys.modules if m.split(".")[0] == "deepspeed")
 assert not leaked, leaked[:5]
 print("loaded", len(ways), "ways")
@@ -79,7 +79,40 @@ def test_consolidated_file_round_trip(trained_run, tmp_path):
     assert loaded.source == path
     assert loaded.tokenizer.symbol_table == ms.tokenizer.symbol_table and loaded.tokenizer.vocab_size > 3
     live = torch.load(trained_run / "live.pt", weights_only=False)
-    assert_same(live, snapshot(loaded.model, loaded.config.model.input_dim))
+    assert_same(live, snapshot(loaded.model, loaded.config))
+
+
+@pytest.mark.slow
+def test_ds_to_pt_then_recognize_gives_the_live_hypotheses(trained_run, tmp_path):
+    """The user's path: convert the run with the CLI, then recognize real audio with the file."""
+    model_pt, out = tmp_path / "model.pt", tmp_path / "decode"
+    cli = [sys.executable, "-m", "moe_asr.cli"]
+    converted = subprocess.run([*cli, "convert", "ds-to-pt", str(trained_run), "-o", str(model_pt)],
+                               capture_output=True, text=True, timeout=300)
+    assert converted.returncode == 0, converted.stderr
+    assert '"ep_size": 2' in converted.stdout and '"experts": 4' in converted.stdout
+    recognized = subprocess.run([*cli, "recognize", "--model", str(model_pt), *map(str, WAVS), "--mode",
+                                 ",".join(METHODS), "--beam-size", "3", "-o", str(out)],
+                                capture_output=True, text=True, timeout=300)
+    assert recognized.returncode == 0, recognized.stderr
+    live = torch.load(trained_run / "live.pt", weights_only=False)
+    loaded = load_model(model_pt)
+    assert_same(live, snapshot(loaded.model, loaded.config))  # encoder outputs too
+    for method in METHODS:
+        lines = dict(line.split(" ", 1) if " " in line else (line, "")
+                     for line in (out / method / "text").read_text().splitlines())
+        expected = {key: loaded.tokenizer.decode(ids) for key, ids in live["speech"][method].items()}
+        assert lines == expected, method
+
+
+def test_convert_refuses_to_overwrite_its_input(tmp_path):
+    from moe_asr.cli import main
+
+    (tmp_path / "m.pt").write_bytes(b"x")
+    assert main(["convert", "average", str(tmp_path / "m.pt"), "-o", str(tmp_path / "m.pt")]) == 2
+    assert (tmp_path / "m.pt").read_bytes() == b"x"
+    assert main(["convert", "ds-to-pt", str(tmp_path), "-o", str(tmp_path / "out.pt")]) == 1
+    assert not (tmp_path / "out.pt").exists()
 
 
 @pytest.mark.slow

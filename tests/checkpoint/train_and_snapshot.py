@@ -19,7 +19,7 @@ _fit = loop.Trainer.fit
 
 def _fit_and_snapshot(self: loop.Trainer) -> None:
     _fit(self)
-    result = snapshot(self.tm.model, self.cfg.model.input_dim)
+    result = snapshot(self.tm.model, self.cfg)
     if self.info.is_main:
         torch.save(result, self.out_dir / "live.pt")
 
