@@ -18,6 +18,9 @@ Three guarantees on top of ``torch.utils.data.DataLoader``:
 Skip counts (``skipped``) are per epoch: the workers count what they skip and
 send the counts with every batch; the loader keeps the latest of each worker
 in its state, so a resumed epoch continues the interrupted epoch's counts.
+The workers log the first few bad samples by key on the loader's first pass
+only (later epochs read the same samples again); reporting the counts per
+epoch is the training loop's job.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from moe_asr.data.pipeline import Pipeline, ShardDataset, WorkerItem
 from moe_asr.data.shards import check_shards_exist, read_shard_list
 from moe_asr.data.stats import UNEVEN_RANKS
 from moe_asr.data.tokenizer import Tokenizer
+from moe_asr.schema import ConfigError
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2
@@ -73,7 +77,11 @@ def _all_have_batch(have: bool, group: Any) -> bool:
 
 
 class AsrDataLoader:
-    """Batches of this rank's share of the shards, for one epoch per ``iter()``."""
+    """Batches of this rank's share of the shards, for one epoch per ``iter()``.
+
+    ``train``: the ``data.train_shards`` loader (shuffling and augmentation on),
+    else the ``data.cv_shards`` one; errors about the list name it so.
+    """
 
     def __init__(self, shards: Sequence[str] | str | Path, cfg: DataConfig, tokenizer: Tokenizer,
                  train: bool = True, rank: Optional[int] = None, world_size: Optional[int] = None,
@@ -83,25 +91,35 @@ class AsrDataLoader:
             raise ValueError("the shard list is empty")
         check_shards_exist(self.shards)
         self.rank, self.world_size = rank_and_world(rank, world_size)
-        if len(self.shards) < self.world_size:
-            raise ValueError(f"{len(self.shards)} shard(s) cannot feed {self.world_size} ranks: "
-                             f"make at least one shard per rank (several per DataLoader worker is better)")
-        per_rank = len(self.shards) // self.world_size
-        if per_rank < max(1, cfg.num_workers):
-            log.warning("only %d shard(s) per rank for %d DataLoader workers: some workers will idle",
-                        per_rank, cfg.num_workers)
         self.cfg = cfg
         self.train = train
+        self._check_shard_count(shards)
         self.sync_ranks = sync_ranks
         self.pipeline = Pipeline(cfg, tokenizer, train)
         self.epoch = 0
         self._fingerprint = hashlib.sha1("\n".join(self.shards).encode()).hexdigest()[:16]
         self._state = self._fresh_state()
         self._resume: Optional[dict] = None
+        self._first_pass = True
 
     @property
     def num_worker_streams(self) -> int:
         return max(1, self.cfg.num_workers)
+
+    def _check_shard_count(self, shards: Sequence[str] | str | Path) -> None:
+        """Refuse a list with fewer shards than ranks (a rank would get none), warn when workers would idle."""
+        name = f"data.{'train' if self.train else 'cv'}_shards"
+        if isinstance(shards, (str, Path)):
+            name += f" ({shards})"
+        workers = self.num_worker_streams
+        if len(self.shards) < self.world_size:
+            raise ConfigError(f"{name}: {len(self.shards)} shard(s) cannot feed {self.world_size} ranks; write at "
+                              f"least ranks x DataLoader workers = {self.world_size * workers} shards, ideally "
+                              f"many more (`moe-asr make-shards --per-shard N` with a smaller N)")
+        per_rank = len(self.shards) // self.world_size
+        if per_rank < workers:
+            log.warning("%s: only %d shard(s) per rank for %d DataLoader workers: some workers will idle",
+                        name, per_rank, workers)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch (shard order, shuffles, augmentation); a loaded position of another epoch is dropped."""
@@ -146,12 +164,12 @@ class AsrDataLoader:
         self._state = copy.deepcopy(state)
 
     # ------------------------------------------------------------------ iteration
-    def _ordered(self, state: dict) -> Iterator[Batch]:
+    def _ordered(self, state: dict, log_details: bool) -> Iterator[Batch]:
         """Worker outputs in round-robin order from ``state['next_worker']``, updating ``state`` as they go."""
         workers = state["workers"]
         dataset = ShardDataset(self.shards, self.pipeline, self.cfg.seed, self.epoch, self.rank,
                                self.world_size, skip=[w["batches"] for w in workers],
-                               skipped=[w["skipped"] for w in workers])
+                               skipped=[w["skipped"] for w in workers], log_details=log_details)
         k = self.cfg.num_workers
         loader = DataLoader(dataset, batch_size=None, num_workers=k, collate_fn=_keep,
                             prefetch_factor=self.cfg.prefetch_factor if k else None,
@@ -183,9 +201,10 @@ class AsrDataLoader:
         self._state = state = resume if resume is not None else self._fresh_state()
         if state["complete"]:
             return
+        log_details, self._first_pass = self._first_pass, False
         sync = self.sync_ranks and self.world_size > 1 and dist.is_available() and dist.is_initialized()
         group = _sync_group() if sync else None
-        for batch in self._ordered(state):
+        for batch in self._ordered(state, log_details):
             if sync and not _all_have_batch(True, group):
                 log.info("rank %d: epoch %d ends after %d batches: another rank ran out of data",
                          self.rank, self.epoch, state["batches_delivered"] - 1)

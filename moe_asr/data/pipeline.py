@@ -192,18 +192,21 @@ class ShardDataset(IterableDataset):
     (resume); ``skipped[w]`` are the skip counts it had sent with the last of
     them. The replay recounts the planning skips but cannot see the decoding
     ones, so at that batch the counts are set to the saved ones, which then
-    continue as in the interrupted epoch. Ends every worker's stream with a
-    ``WorkerItem`` whose batch is None.
+    continue as in the interrupted epoch. ``log_details``: log the first bad
+    samples of each reason by key (see :class:`DataStats`). Ends every
+    worker's stream with a ``WorkerItem`` whose batch is None.
     """
 
     def __init__(self, shards: Sequence[str], pipeline: Pipeline, seed: int, epoch: int, rank: int,
-                 world_size: int, skip: Sequence[int] = (), skipped: Sequence[Mapping[str, int]] = ()):
+                 world_size: int, skip: Sequence[int] = (), skipped: Sequence[Mapping[str, int]] = (),
+                 log_details: bool = True):
         super().__init__()
         self.shards = list(shards)
         self.pipeline = pipeline
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
         self.skip = list(skip)
         self.skipped = list(skipped)
+        self.log_details = log_details
 
     def __iter__(self) -> Iterator[WorkerItem]:
         info = get_worker_info()
@@ -211,7 +214,7 @@ class ShardDataset(IterableDataset):
         shards = worker_shards(self.shards, self.seed, self.epoch, self.rank, self.world_size, worker,
                                num_workers, shuffle=self.pipeline.train)
         rng = random.Random(seed_for(self.seed, self.epoch, self.rank, worker))
-        stats, pos = DataStats(), Position()
+        stats, pos = DataStats(self.log_details), Position()
         skip = self.skip[worker] if worker < len(self.skip) else 0
         for index, planned in enumerate(self.pipeline.plan(shards, rng, stats, pos)):
             if index < skip:

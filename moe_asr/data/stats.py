@@ -6,10 +6,10 @@ from collections import Counter
 from typing import Mapping
 
 log = logging.getLogger("moe_asr.data")
-# Per reason, log the first few occurrences and then every Nth, so a broken corpus
-# cannot flood the training log while every skip is still counted.
+# Per reason, log the first few skipped keys with their detail; the rest are
+# only counted, and the training loop reports the counts once per epoch, so a
+# broken corpus cannot flood the log while every skip stays visible.
 _LOG_FIRST = 5
-_LOG_EVERY = 1000
 
 UNEVEN_RANKS = "dropped: uneven ranks"
 # Every reason an utterance can be skipped for. A fixed list, so that the
@@ -21,10 +21,16 @@ SKIP_REASONS = ("corrupt tar member", "bad transcript", "missing audio", "missin
 
 
 class DataStats:
-    """Counts of skipped samples by reason (one of ``SKIP_REASONS``)."""
+    """Counts of skipped samples by reason (one of ``SKIP_REASONS``).
 
-    def __init__(self) -> None:
+    ``log_details``: log the key and detail of the first few bad samples of
+    each reason. A loader asks for them on its first pass only: later epochs
+    read the same samples again, and their counts are reported per epoch.
+    """
+
+    def __init__(self, log_details: bool = True) -> None:
         self.counts: Counter[str] = Counter()
+        self.log_details = log_details
 
     def _count(self, reason: str) -> int:
         if reason not in SKIP_REASONS:
@@ -34,8 +40,9 @@ class DataStats:
 
     def bad(self, reason: str, key: str, detail: str = "") -> None:
         n = self._count(reason)
-        if n <= _LOG_FIRST or n % _LOG_EVERY == 0:
-            log.warning("skipped %s (%s%s) [%d so far]", key, reason, f": {detail}" if detail else "", n)
+        if self.log_details and n <= _LOG_FIRST:
+            log.warning("skipped %s (%s%s)%s", key, reason, f": {detail}" if detail else "",
+                        "; more of this kind are only counted" if n == _LOG_FIRST else "")
 
     def filtered(self, reason: str) -> None:
         """An utterance outside the configured limits: counted, not worth a warning."""
@@ -47,6 +54,14 @@ class DataStats:
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.counts)
+
+
+def skip_line(counts: Mapping[str, int]) -> str:
+    """``3 (empty audio 2, filtered: frames out of range 1)``: the total, then the reasons that occurred,
+    largest first (``0`` alone when nothing was skipped)."""
+    present = sorted(((r, n) for r, n in counts.items() if n), key=lambda rn: -rn[1])
+    total = sum(n for _, n in present)
+    return f"{total} ({', '.join(f'{r} {n}' for r, n in present)})" if present else "0"
 
 
 def skip_summary(counts: dict[str, int], examples: dict[str, list[str]] | None = None, show: int = 5) -> list[str]:

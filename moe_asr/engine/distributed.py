@@ -5,16 +5,34 @@ a plain ``python launch/train.py`` gets a one-rank world on a free local port.
 On CPU the backend is gloo, and DeepSpeed's shared-memory all-reduce op is
 switched off before init: it would otherwise be compiled on first use (about
 two minutes) for no gain at these sizes.
+
+A launched rank ends when its launcher dies (``end_with_launcher``): a killed
+``deepspeed`` or ``torchrun`` would otherwise leave ranks training on, and
+writing checkpoints, with nobody to stop them.
 """
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
+import signal
 import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
-from typing import Mapping
+from pathlib import Path
+from typing import Mapping, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("moe_asr.train")
+# Recorded when the module loads, before the slow imports and the rendezvous: the
+# launcher's pid, to find out whether it died before the kernel watched it for us.
+_PARENT_AT_START = os.getppid()
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+WATCH_INTERVAL_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -35,9 +53,82 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _parent_of(pid: int) -> Optional[int]:
+    """The parent of ``pid`` from /proc (Linux); None when it is gone or /proc is unavailable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # "pid (comm) state ppid ...": comm may hold spaces
+
+
+def _is_deepspeed_node_launcher(pid: int) -> bool:
+    """DeepSpeed's per-node launcher: it outlives the ``deepspeed`` runner above it, ranks and all."""
+    try:
+        return b"deepspeed.launcher.launch" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _die_with_parent() -> None:
+    """Have the kernel send SIGTERM when our parent exits (Linux ``prctl``; elsewhere the watchdog alone).
+
+    The kernel acts when the parent's thread that started us exits; both
+    launchers start their ranks from their main thread.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+
+
+def _launcher_gone(rank: str, pid: int) -> NoReturn:
+    """End at once, from any thread: no checkpoint is written, one being written stays partial."""
+    log.error("rank %s: the launcher (pid %d) is gone: exiting without a checkpoint", rank, pid)
+    os._exit(1)
+
+
+def _watch(watched: list[tuple[int, int]], rank: str) -> None:
+    """Every few seconds: has any watched process changed parent (its parent died, it was re-parented)?"""
+    me = os.getpid()
+    while True:
+        time.sleep(WATCH_INTERVAL_S)
+        for pid, parent in watched:
+            if (os.getppid() if pid == me else _parent_of(pid)) != parent:
+                _launcher_gone(rank, parent)
+
+
+def end_with_launcher() -> None:
+    """Make this launched rank exit when its launcher dies, however it dies.
+
+    torchrun starts the ranks itself: on SIGTERM it stops them, on SIGKILL the
+    kernel's parent-death signal does. ``deepspeed`` starts a per-node launcher
+    (``deepspeed.launcher.launch``) that starts the ranks; that one stops them on
+    SIGTERM and is covered by the parent-death signal on SIGKILL, but the
+    ``deepspeed`` runner above it dies on either signal without telling it, and
+    the ranks would train on: so under it the ranks also watch the runner. A
+    watchdog thread polls both parents, and covers systems without ``prctl``.
+    """
+    rank, launcher = os.environ.get("RANK", "?"), _PARENT_AT_START
+    _die_with_parent()
+    if os.getppid() != launcher:  # it died before the kernel was asked to watch it
+        _launcher_gone(rank, launcher)
+    watched = [(os.getpid(), launcher)]
+    runner = _parent_of(launcher) if _is_deepspeed_node_launcher(launcher) else None
+    if runner is not None:
+        watched.append((launcher, runner))
+    threading.Thread(target=_watch, args=(watched, rank), name="launcher-watchdog", daemon=True).start()
+
+
 def init_distributed() -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU)."""
-    if "RANK" not in os.environ:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU).
+
+    A rank started by a launcher first ties its life to the launcher's; a plain process has none.
+    """
+    if "RANK" in os.environ:
+        end_with_launcher()
+    else:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

@@ -4,7 +4,8 @@ Only rank 0 writes; the numbers it writes are already averaged (losses) or
 summed (frames, routed tokens, skipped utterances) over all ranks by the loop.
 ``metrics.jsonl`` is the machine-readable record (the loss-curve plot and the
 tests read it); on resume, records past the resumed step are dropped there and
-in TensorBoard (``purge_step``), so a resumed run reads as one curve.
+in TensorBoard (``purge_step``), so a resumed run reads as one curve. The
+epoch records kept there also carry the run's data-skip totals across a resume.
 """
 from __future__ import annotations
 
@@ -18,8 +19,12 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
+from moe_asr.data.stats import skip_line
+
 log = logging.getLogger("moe_asr.train")
 METRICS = "metrics.jsonl"
+# The epoch record's skip counts, and how its warnings name the samples.
+EPOCH_SKIPS = {"data_skipped_epoch": "samples", "cv_data_skipped": "CV samples"}
 
 
 def setup_console(rank: int) -> None:
@@ -51,6 +56,9 @@ class TrainLogger:
 
         kept = [r for r in read_metrics(self.metrics_path) if r["step"] <= resume_step]
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        # Epoch -> its latest epoch record: an epoch stopped by max_steps and finished after a
+        # resume is reported twice, and its second report (the whole epoch) replaces the first.
+        self.epochs = {r["epoch"]: r for r in kept if "data_skipped_epoch" in r}
         self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=resume_step + 1)
         self.bar = tqdm(total=max_steps or None, initial=resume_step, unit="step", dynamic_ncols=True,
                         disable=not sys.stderr.isatty())
@@ -79,6 +87,8 @@ class TrainLogger:
         parts = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in losses.items() if k.startswith("loss_"))
         line = (f"epoch {epoch} step {step} loss {losses['loss']:.4f} ({parts}) lr {lr:.3e} "
                 f"{frames_per_s:.0f} frames/s skipped {skipped}")
+        if any(data_skipped.values()):
+            line += f" skipped data {skip_line(data_skipped)}"
         if self.bar is not None and not self.bar.disable:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix_str(line)
@@ -92,6 +102,21 @@ class TrainLogger:
             self.writer.add_scalar(f"cv/{name}", value, step)
         log.info("epoch %d step %d CV loss %.4f (%s)", epoch, step, losses["loss"],
                  " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in losses.items() if k != "loss"))
+
+    def epoch_data(self, step: int, epoch: int, train: dict[str, int], cv: dict[str, int]) -> None:
+        """The samples the train and CV loaders skipped in one epoch (all ranks, by reason): an ``epoch``
+        record, a summary line, and one warning per reason that occurred, with the run's total."""
+        if not self.enabled:
+            return
+        record = {"step": step, "epoch": epoch, "data_skipped_epoch": train, "cv_data_skipped": cv}
+        self._record(record)
+        self.epochs[epoch] = record
+        log.info("epoch %d data skipped: train %s, CV %s", epoch, skip_line(train), skip_line(cv))
+        for key, samples in EPOCH_SKIPS.items():
+            for reason, n in record[key].items():
+                if n:
+                    total = sum(r[key].get(reason, 0) for r in self.epochs.values())
+                    log.warning("epoch %d: %d %s skipped: %s (%d in this run)", epoch, n, samples, reason, total)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import multiprocessing as mp
 import random
+import re
 import tarfile
 from pathlib import Path
 
@@ -17,11 +19,11 @@ from moe_asr.engine.config import ExperimentConfig
 from moe_asr.data.audio import encode_audio
 from moe_asr.data.batching import dynamic_batches
 from moe_asr.data.config import DataConfig
-from moe_asr.data.loader import AsrDataLoader
+from moe_asr.data.loader import AsrDataLoader, build_loader
 from moe_asr.data.manifest import Utterance
 from moe_asr.data.pipeline import PlannedUtt
 from moe_asr.data.shards import write_shard, write_shard_list
-from moe_asr.data.stats import SKIP_REASONS, UNEVEN_RANKS, DataStats
+from moe_asr.data.stats import SKIP_REASONS, UNEVEN_RANKS, DataStats, skip_line
 from moe_asr.schema import ConfigError, from_dict
 
 from .conftest import build_corpus, fsdd_files, transcript
@@ -186,6 +188,54 @@ def test_bad_samples_are_counted_not_fatal(corpus, tmp_path):
     assert sorted(_keys(loader)) == ["good0", "good1", "good2", "good3"]
     assert loader.skipped == BAD_SKIPS
     assert set(loader.skipped) <= set(SKIP_REASONS)  # the reasons the training loop sums and logs
+
+
+def test_bad_samples_are_logged_by_key_in_the_first_pass_only(corpus, tmp_path, caplog):
+    """Each epoch reads the same bad samples: their keys are logged once, their counts every epoch."""
+    loader = _bad_loader(corpus, _bad_shards(tmp_path))
+    passes = []
+    for epoch in range(2):
+        caplog.clear()
+        loader.set_epoch(epoch)
+        with caplog.at_level(logging.WARNING, logger="moe_asr.data"):
+            list(loader)
+        passes.append([r.getMessage() for r in caplog.records if r.name == "moe_asr.data"])
+        assert loader.skipped == BAD_SKIPS
+    for key in ("garbage", "unknown", "empty", "nan", "notext"):
+        assert any(line.startswith(f"skipped {key} (") for line in passes[0]), (key, passes[0])
+    assert passes[1] == []
+
+
+def test_per_sample_warnings_stop_after_the_first_few(caplog):
+    with caplog.at_level(logging.WARNING, logger="moe_asr.data"):
+        quiet = DataStats(log_details=False)
+        for i in range(3):
+            quiet.bad("empty audio", f"q{i}")
+        assert caplog.records == [] and quiet.as_dict() == {"empty audio": 3}
+        stats = DataStats()
+        for i in range(8):
+            stats.bad("empty audio", f"k{i}", "zero samples")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "skipped k0 (empty audio: zero samples)"
+    assert len(lines) == 5 and lines[-1].endswith("more of this kind are only counted")
+    assert stats.as_dict() == {"empty audio": 8}
+
+
+def test_skip_line_names_the_reasons_largest_first():
+    assert skip_line({"empty audio": 1, "filtered: frames out of range": 2, "bad transcript": 0}) == \
+        "3 (filtered: frames out of range 2, empty audio 1)"
+    assert skip_line({r: 0 for r in SKIP_REASONS}) == "0"
+
+
+def test_too_few_shards_for_the_ranks_name_the_list_and_the_fix(corpus):
+    """A config mistake (a ConfigError, which launch/train.py prints as one line), naming the list."""
+    cfg = corpus.config(cv_shards=str(corpus.shard_list), num_workers=2)
+    for split in ("train", "cv"):
+        with pytest.raises(ConfigError, match=rf"^data\.{split}_shards \({re.escape(str(corpus.shard_list))}\): "
+                                              rf"8 shard\(s\) cannot feed 9 ranks; .* = 18 shards.*"
+                                              rf"moe-asr make-shards --per-shard N"):
+            build_loader(cfg, split, corpus.tokenizer(cfg), rank=0, world_size=9)
+    assert len(build_loader(cfg, "cv", corpus.tokenizer(cfg), rank=7, world_size=8).shards) == 8  # one a rank: enough
 
 
 def test_unknown_skip_reason_is_refused():

@@ -1,0 +1,109 @@
+"""Ranks end with their launcher: the top `deepspeed` or `torchrun` process killed (SIGKILL or SIGTERM),
+and within seconds no rank (nor any process it started) is left training and writing checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from moe_asr.engine.checkpoint import INDEX, LATEST, trainer_state_file
+from tests.engine.conftest import REPO, SMALL_MODEL, data_overrides, train_cmd
+
+GONE_WITHIN_S = 30
+START_WITHIN_S = 300
+Proc = tuple[int, str]  # pid and start time: a pid the system reuses is another process
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat from the state on (the name in parentheses may hold spaces)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        stat = _stat(int(entry.name)) if entry.name.isdigit() else None
+        if stat is not None:
+            tree.setdefault(int(stat[1]), []).append(int(entry.name))
+    return tree
+
+
+def _descendants(pids: set[int]) -> set[Proc]:
+    tree, found, todo = _children(), set(), list(pids)
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            stat = _stat(child)
+            if stat is not None and (child, stat[19]) not in found:
+                found.add((child, stat[19]))
+                todo.append(child)
+    return found
+
+
+def _alive(proc: Proc) -> bool:
+    stat = _stat(proc[0])
+    return stat is not None and stat[19] == proc[1] and stat[0] not in ("Z", "X")
+
+
+def _rank_of(pid: int) -> str | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((v[5:].decode() for v in env if v.startswith(b"RANK=")), None)
+
+
+def _wait_for_training(out: Path, top: subprocess.Popen, console: Path) -> None:
+    """Until the first train record is in metrics.jsonl: the ranks are training."""
+    deadline = time.monotonic() + START_WITHIN_S
+    metrics = out / "metrics.jsonl"
+    while not (metrics.is_file() and '"loss"' in metrics.read_text()):
+        if top.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"training did not start (exit {top.poll()}):\n{console.read_text()[-4000:]}")
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher,sig,port", [("deepspeed", "SIGKILL", 29681), ("deepspeed", "SIGTERM", 29683),
+                                              ("torchrun", "SIGKILL", 29685), ("torchrun", "SIGTERM", 29687)])
+def test_ranks_end_with_their_launcher(small_corpus, tmp_path, launcher, sig, port):
+    out, console = tmp_path / "run", tmp_path / "console.txt"
+    overrides = {**SMALL_MODEL, **data_overrides(small_corpus), "model.moe.ep_size": 2, "train.max_steps": 100000,
+                 "train.log_interval": 1, "train.checkpoint_interval": 2}
+    cmd = train_cmd(small_corpus, out, "ds_configs/zero1_cpu.json", overrides, port, launcher=launcher)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with console.open("w") as f:
+        top = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    procs: set[Proc] = set()
+    try:
+        _wait_for_training(out, top, console)
+        procs = _descendants({top.pid})
+        assert {_rank_of(pid) for pid, _ in procs} >= {"0", "1"}, procs
+        os.kill(top.pid, getattr(signal, sig))  # the top process only: its children are not signalled
+        top.wait(timeout=GONE_WITHIN_S)
+        deadline = time.monotonic() + GONE_WITHIN_S
+        while any(_alive(p) for p in procs) and time.monotonic() < deadline:
+            procs |= _descendants({pid for pid, start in procs if _alive((pid, start))})  # e.g. CV workers
+            time.sleep(0.5)
+        left = [pid for pid, start in procs if _alive((pid, start))]
+        assert not left, f"still running {GONE_WITHIN_S} s after the launcher died: {left}\n" \
+                         f"{console.read_text()[-4000:]}"
+        root = out / "checkpoints"
+        if (root / LATEST).is_file():  # the newest committed checkpoint is whole, whatever was being saved
+            tag = (root / LATEST).read_text().strip()
+            assert tag in [c["tag"] for c in json.loads((root / INDEX).read_text())]
+            assert all((root / tag / trainer_state_file(r)).is_file() for r in (0, 1)), tag
+    finally:
+        for pid, start in procs:
+            if _alive((pid, start)):
+                os.kill(pid, signal.SIGKILL)
+        if top.poll() is None:
+            top.kill()
+            top.wait()
