@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,8 +22,9 @@ import torch
 import yaml
 
 from moe_asr.checkpoint import read_model_state
-from moe_asr.engine.checkpoint import LATEST
+from moe_asr.engine.checkpoint import LATEST, Checkpointer
 from moe_asr.engine.config import ConfigError, ExperimentConfig, save_config
+from moe_asr.engine.fingerprint import ResumeRefused, check_resume, fingerprint
 from moe_asr.engine.training_state import TrainingState, apply_training_state
 from moe_asr.schema import from_dict, to_dict
 
@@ -39,8 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cv-shards", help="shard list file; overrides data.cv_shards")
     p.add_argument("--out-dir", default=None, help="checkpoints, logs, plots (default: exp/<config name>)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="TAG",
-                   help="resume from checkpoint TAG (default: latest); without this flag training "
-                        "resumes from latest automatically when it exists")
+                   help="resume from checkpoint TAG (default: latest, else the newest complete one); without "
+                        "this flag an out-dir holding a run resumes the same way, and only with a matching "
+                        "model, vocabulary and layout")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an out-dir that holds one (its checkpoints, metrics and logs are "
+                        "removed once every check has passed)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its message")
     p.add_argument("--init-from", metavar="MODEL_PT",
                    help="start from a consolidated model file (moe-asr convert ds-to-pt/average/upcycle/from-wenet) "
                         "at this run's layout (any ep_size, world size, ZeRO stage); its training state "
@@ -101,6 +108,32 @@ def _init_from(path: str, cfg: ExperimentConfig, fresh_optimizer: bool) -> tuple
     return ms.state, None if fresh_optimizer else TrainingState(**state)
 
 
+# What a run leaves in its out-dir besides checkpoints; --overwrite removes them.
+RUN_FILES = ("train.yaml", "metrics.jsonl", "tensorboard", "checkpoints", "loss_curves.png", "expert_load.png")
+
+
+def _start_point(args: argparse.Namespace, out_dir: Path, checkpoints: Checkpointer) -> Optional[str]:
+    """The checkpoint tag to resume, or None for a new run; refuses what the user did not ask for."""
+    held = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if args.overwrite or args.init_from:
+        if args.init_from and held and not args.overwrite:
+            raise ResumeRefused(f"--init-from: {out_dir} already holds a run ({', '.join(held)}); pass "
+                                f"--overwrite to replace it, or pick another --out-dir")
+        return None
+    if args.resume not in (None, "latest"):
+        return args.resume
+    tag = checkpoints.resume_point()
+    latest = checkpoints.latest_tag()
+    if tag is not None and tag != latest:
+        log.warning("%s: %s; resuming the newest complete checkpoint listed in checkpoints.json: %s",
+                    checkpoints.root, f"{LATEST} names {latest}, which is not complete" if latest
+                    else f"no {LATEST} file", tag)
+    if tag is None and (args.resume or held):
+        raise ResumeRefused(f"{out_dir} holds a run ({', '.join(held)}) but no complete checkpoint to resume; "
+                            f"pass --overwrite to start it anew, or pick another --out-dir")
+    return tag
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = load_experiment(args.config, args.set, args.train_shards, args.cv_shards)
@@ -122,10 +155,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     info = init_distributed()
     setup_console(info.rank)
     weights, state = _init_from(args.init_from, cfg, args.fresh_optimizer) if args.init_from else (None, None)
-    if args.init_from and (out_dir / "checkpoints" / LATEST).is_file():
-        raise ConfigError(f"--init-from: {out_dir} already holds a run (checkpoints/{LATEST}); resume it, "
-                          f"or start from {args.init_from} in another --out-dir")
+    # Every check runs before anything in the out-dir is touched: a refused start changes nothing.
+    checkpoints = Checkpointer(out_dir / "checkpoints", cfg.train.keep_checkpoints, info.rank)
+    tag = _start_point(args, out_dir, checkpoints)
+    current = fingerprint(cfg, tokenizer, info.world_size, ds_config)
+    if tag is not None:
+        checkpoints.verify(tag)
+        for note in check_resume(checkpoints.root / tag, current, out_dir):
+            log.info("%s", note)
     if info.is_main:
+        if args.overwrite:
+            for name in RUN_FILES:
+                path = out_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "train.yaml")
     tm = build_engine(cfg, ds_config, info, weights)
@@ -135,10 +177,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     random.seed(seed)
     np.random.seed(seed)
     trainer = Trainer(cfg, tm, build_loader(cfg.data, "train", tokenizer), build_loader(cfg.data, "cv", tokenizer),
-                      out_dir, info)
-    tag = trainer.checkpointer.latest_tag() if args.resume in (None, "latest") else args.resume
-    if args.resume and tag is None:
-        raise FileNotFoundError(f"--resume: no checkpoint under {trainer.checkpointer.root}")
+                      out_dir, info, current)
     if tag is not None:
         trainer.resume(tag)
     elif state is not None:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from moe_asr.data.tokenizer import Tokenizer
-from moe_asr.engine.checkpoint import LATEST
+from moe_asr.engine.checkpoint import LATEST, MANIFEST
 from moe_asr.engine.config import ExperimentConfig, load_config
 from moe_asr.engine.deepspeed_moe import MODEL_FILE, load_file, read_deepspeed_model
 from moe_asr.model.u2pp import U2PPModel, build_model
@@ -61,7 +61,7 @@ def _tag_dir(path: Path, tag: Optional[str]) -> tuple[Path, Path]:
     if (path / MODEL_FILE).is_file():
         if tag is not None:
             raise ValueError(f"{path}: is already checkpoint {path.name!r}; --tag {tag} does not apply")
-        return path, path.parent.parent / CONFIG
+        return _complete(path), path.parent.parent / CONFIG
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if not (root / LATEST).is_file() and not any((d / MODEL_FILE).is_file() for d in root.iterdir()):
         raise FileNotFoundError(f"{path}: not a run directory, a checkpoints directory or a checkpoint "
@@ -74,7 +74,14 @@ def _tag_dir(path: Path, tag: Optional[str]) -> tuple[Path, Path]:
     tag_dir = root / tag
     if not (tag_dir / MODEL_FILE).is_file():
         raise FileNotFoundError(f"{tag_dir}: no such checkpoint (no {MODEL_FILE})")
-    return tag_dir, root.parent / CONFIG
+    return _complete(tag_dir), root.parent / CONFIG
+
+
+def _complete(tag_dir: Path) -> Path:
+    """``tag_dir``, unless its save never finished (no manifest, which training writes last)."""
+    if not (tag_dir / MANIFEST).is_file():
+        raise FileNotFoundError(f"{tag_dir}: a partial checkpoint (no {MANIFEST}: its save did not finish)")
+    return tag_dir
 
 
 def read_model_state(path: str | Path, tag: Optional[str] = None) -> ModelState:
@@ -140,7 +147,7 @@ def save_model(path: str | Path, state: dict[str, Tensor], config: ExperimentCon
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
     blob = {"format": FORMAT, "model": _fp32(state), "config": to_dict(config),
-            "tokenizer": {"symbol_table": tokenizer.symbol_table, "sp_model": tokenizer._sp_model}, **extra}
+            "tokenizer": {"symbol_table": tokenizer.symbol_table, "sp_model": tokenizer.sp_model}, **extra}
     torch.save(blob, tmp)
     os.replace(tmp, path)
     return path

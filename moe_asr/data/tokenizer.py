@@ -109,6 +109,11 @@ class Tokenizer:
         return cls(cfg, read_symbol_table(cfg.symbol_table, sos_eos), sp_model, sos_eos)
 
     @property
+    def sp_model(self) -> Optional[bytes]:
+        """The sentencepiece model (bpe/unigram), None for characters."""
+        return self._sp_model
+
+    @property
     def vocab_size(self) -> int:
         return len(self.symbol_table)
 

@@ -12,9 +12,18 @@ previous complete checkpoint.
 
 ``checkpoints.json`` lists the complete checkpoints with their step, epoch
 and CV loss; the newest ``keep`` are kept plus the best by CV loss.
+
+Integrity: after the barrier every file of the checkpoint is hashed (each
+rank a share of the files) and rank 0 writes ``fingerprint.json`` (what the
+run was, see ``fingerprint.py``) and then ``manifest.json`` (size and sha256
+of every file). The manifest is written last, so a tag directory without one
+is a partial checkpoint from a killed save: never resumed. Before anything is
+loaded, every rank checks the whole manifest (sizes by all, checksums
+shared out), and all ranks stop with the same message naming the bad files.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -30,6 +39,11 @@ import torch.distributed as dist
 
 LATEST = "latest"
 INDEX = "checkpoints.json"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be resumed: missing, partial or damaged; the message names the tag and files."""
 
 
 @dataclass
@@ -60,6 +74,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _share(items: list, rank: int, world: int) -> list:
+    """This rank's part of a job split over the ranks."""
+    return items[rank::world]
+
+
+def _gather(obj: Any) -> list[Any]:
+    """``obj`` of every rank (a collective; one process: just ``obj``)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -67,8 +100,9 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class Checkpointer:
-    def __init__(self, engine: Any, root: Path, keep: int, rank: int) -> None:
-        self.engine = engine
+    """The checkpoints of one run directory (``<out-dir>/checkpoints``), as seen by one rank."""
+
+    def __init__(self, root: Path, keep: int, rank: int) -> None:
         self.root = Path(root)
         self.keep = keep
         self.rank = rank
@@ -85,13 +119,35 @@ class Checkpointer:
         scored = [c for c in self.index() if c.cv_loss is not None and math.isfinite(c.cv_loss)]
         return min(scored, key=lambda c: c.cv_loss) if scored else None
 
-    def save(self, info: CheckpointInfo, trainer_state: dict[str, Any]) -> None:
+    def complete(self, tag: str) -> bool:
+        return (self.root / tag / MANIFEST).is_file()
+
+    def resume_point(self) -> Optional[str]:
+        """``latest`` when it names a complete checkpoint, else the newest complete one listed in the index."""
+        tag = self.latest_tag()
+        if tag is not None and self.complete(tag):
+            return tag
+        listed = [c.tag for c in sorted(self.index(), key=lambda c: c.step) if self.complete(c.tag)]
+        return listed[-1] if listed else None
+
+    def save(self, engine: Any, info: CheckpointInfo, trainer_state: dict[str, Any],
+             fingerprint: dict[str, Any]) -> None:
         """Collective: every rank writes its part; ``latest`` moves after all have finished."""
-        self.engine.save_checkpoint(str(self.root), info.tag, client_state={"trainer": asdict(info)},
+        tag_dir = self.root / info.tag
+        engine.save_checkpoint(str(self.root), info.tag, client_state={"trainer": asdict(info)},
                                     save_latest=False)
-        torch.save({**trainer_state, "rng": rng_state()}, self.root / info.tag / trainer_state_file(self.rank))
+        torch.save({**trainer_state, "rng": rng_state()}, tag_dir / trainer_state_file(self.rank))
         dist.barrier()
         if self.rank == 0:
+            _write_atomic(tag_dir / "fingerprint.json", json.dumps(fingerprint, indent=1))
+        dist.barrier()
+        files = sorted(p.name for p in tag_dir.iterdir() if p.is_file())
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        mine = {name: {"size": (tag_dir / name).stat().st_size, "sha256": _sha256(tag_dir / name)}
+                for name in _share(files, self.rank, world)}
+        manifest = {k: v for part in _gather(mine) for k, v in part.items()}
+        if self.rank == 0:
+            _write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
             index = [c for c in self.index() if c.tag != info.tag] + [info]
             _write_atomic(self.root / INDEX, json.dumps([asdict(c) for c in index], indent=1))
             _write_atomic(self.root / LATEST, info.tag)
@@ -106,11 +162,38 @@ class Checkpointer:
                 shutil.rmtree(self.root / c.tag, ignore_errors=True)
         _write_atomic(self.root / INDEX, json.dumps([asdict(c) for c in index if c.tag in keep], indent=1))
 
-    def load(self, tag: str) -> dict[str, Any]:
-        """Restore model, optimizer and LR schedule; returns this rank's trainer state (RNG not yet applied)."""
-        if not (self.root / tag).is_dir():
-            raise FileNotFoundError(f"no checkpoint {tag!r} under {self.root}")
-        path, _ = self.engine.load_checkpoint(str(self.root), tag, load_optimizer_states=True,
+    def verify(self, tag: str) -> None:
+        """Collective: raise :class:`CheckpointError` on every rank unless ``tag`` is complete and intact."""
+        tag_dir = self.root / tag
+        complete = [c.tag for c in self.index() if self.complete(c.tag)]
+        if not tag_dir.is_dir():
+            raise CheckpointError(f"no checkpoint {tag!r} under {self.root}; complete ones: {complete}")
+        if not self.complete(tag):
+            raise CheckpointError(f"{tag_dir} is a partial checkpoint (no {MANIFEST}: its save did not finish); "
+                                  f"complete ones: {complete}")
+        manifest = json.loads((tag_dir / MANIFEST).read_text())
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        problems = []
+        for name, entry in sorted(manifest.items()):
+            path = tag_dir / name
+            if not path.is_file():
+                problems.append(f"{name} missing")
+            elif path.stat().st_size != entry["size"]:
+                problems.append(f"{name} has {path.stat().st_size} bytes, {entry['size']} were written")
+        checked = [n for n in _share(sorted(manifest), self.rank, world) if (tag_dir / n).is_file()
+                   and (tag_dir / n).stat().st_size == manifest[n]["size"]]
+        problems += [f"{n} does not match its checksum" for n in checked if _sha256(tag_dir / n) != manifest[n]["sha256"]]
+        problems = sorted({p for part in _gather(problems) for p in part})
+        if problems:
+            raise CheckpointError(f"checkpoint {tag_dir} is damaged: {'; '.join(problems[:5])}"
+                                  f"{f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''}")
+
+    def load(self, engine: Any, tag: str) -> dict[str, Any]:
+        """Restore model, optimizer and LR schedule; returns this rank's trainer state (RNG not yet applied).
+
+        Call :meth:`verify` first: DeepSpeed's loaders fail deep inside on a damaged file.
+        """
+        path, _ = engine.load_checkpoint(str(self.root), tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}")

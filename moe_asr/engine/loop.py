@@ -57,6 +57,17 @@ def _rng_neutral(batches: Iterable[Batch]) -> Iterator[Batch]:
         yield batch
 
 
+def _skip_vector(loader: AsrDataLoader) -> torch.Tensor:
+    """A loader's skip counts of the epoch so far in ``SKIP_REASONS`` order, to be summed over the ranks."""
+    counts = loader.skipped
+    return torch.tensor([counts.get(r, 0) for r in SKIP_REASONS])
+
+
+def _skip_counts(summed: torch.Tensor) -> dict[str, int]:
+    """Summed counts back to every reason by name (zeros included)."""
+    return dict(zip(SKIP_REASONS, summed.long().tolist()))
+
+
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
@@ -85,13 +96,13 @@ class _Window:
 
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, tm: TrainingModel, train_loader: AsrDataLoader,
-                 cv_loader: AsrDataLoader, out_dir: Path, info: DistInfo) -> None:
+                 cv_loader: AsrDataLoader, out_dir: Path, info: DistInfo, fingerprint: dict) -> None:
         self.cfg, self.tm, self.info = cfg, tm, info
         self.engine = tm.engine
         self.train_loader, self.cv_loader = train_loader, cv_loader
         self.out_dir = Path(out_dir)
-        self.checkpointer = Checkpointer(self.engine, self.out_dir / "checkpoints", cfg.train.keep_checkpoints,
-                                         info.rank)
+        self.checkpointer = Checkpointer(self.out_dir / "checkpoints", cfg.train.keep_checkpoints, info.rank)
+        self.fingerprint = fingerprint  # what every checkpoint of this run records (engine/fingerprint.py)
         self.state = LoopState()
         self.layer_names = list(tm.moe_layers)
         self.dtype = next(tm.model.parameters()).dtype
@@ -100,7 +111,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def resume(self, tag: str) -> None:
-        self._restore(self.checkpointer.load(tag))
+        self._restore(self.checkpointer.load(self.engine, tag))
         log.info("resumed from %s: epoch %d, step %d", tag, self.state.epoch, self.state.step)
 
     def _restore(self, state: dict) -> None:
@@ -129,9 +140,9 @@ class Trainer:
                     self.state.epoch, self.state.step)
 
     def _save(self, tag: str, epoch: int, cv_loss: Optional[float]) -> None:
-        self.checkpointer.save(CheckpointInfo(tag, self.state.step, epoch, cv_loss),
+        self.checkpointer.save(self.engine, CheckpointInfo(tag, self.state.step, epoch, cv_loss),
                                {"loop": asdict(self.state), "loader": self.train_loader.state_dict(),
-                                **self.expert_load.state_dict()})
+                                **self.expert_load.state_dict()}, self.fingerprint)
         log.info("saved checkpoint %s", tag)
 
     def _done(self) -> bool:
@@ -222,14 +233,12 @@ class Trainer:
     def _log(self, window: _Window) -> None:
         """Sum the window and the data loaders' skip counts over the ranks and hand rank 0 the
         means (losses, entropy) and sums (frames, tokens, skips of the epoch so far)."""
-        data = self.train_loader.skipped
         sums = all_reduce_named({**window.pack(), **self.expert_load.pack(),
-                                 "data_skipped": torch.tensor([data.get(r, 0) for r in SKIP_REASONS])},
-                                self.info.device)
+                                 "data_skipped": _skip_vector(self.train_loader)}, self.info.device)
         batches = sums["batches"].item()
         losses = {k: v / max(batches, 1) for k, v in zip(LOSS_KEYS, sums["losses"].tolist())}
         tokens, entropy = ExpertLoad.unpack(sums, batches)
-        data_skipped = dict(zip(SKIP_REASONS, sums["data_skipped"].long().tolist()))
+        data_skipped = _skip_counts(sums["data_skipped"])
         elapsed = time.perf_counter() - window.start
         self.logger.train(self.state.step, self.state.epoch, losses, self.engine.get_lr()[0], sums["frames"].item(),
                           elapsed, self.engine.skipped_steps + self.state.nonfinite_losses, tokens, entropy,
@@ -237,7 +246,11 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Utterance-weighted mean CV losses over all ranks."""
+        """Utterance-weighted mean CV losses over all ranks.
+
+        CV closes every epoch (and the stop at max_steps), so its collective also
+        sums both loaders' skip counts of the epoch for the epoch's data report.
+        """
         self.engine.eval()
         sums = torch.zeros(len(LOSS_KEYS) + 1, dtype=torch.float64, device=self.info.device)
         devices = [self.info.device] if self.info.device.type == "cuda" else []
@@ -250,9 +263,13 @@ class Trainer:
                 n = len(batch)
                 sums[:-1] += torch.stack([out[k].double() * n for k in LOSS_KEYS])
                 sums[-1] += n
-        all_reduce(sums)
+        total = all_reduce_named({"cv": sums, "train_skipped": _skip_vector(self.train_loader),
+                                  "cv_skipped": _skip_vector(self.cv_loader)}, self.info.device)
+        self.logger.epoch_data(self.state.step, self.state.epoch, _skip_counts(total["train_skipped"]),
+                               _skip_counts(total["cv_skipped"]))
         self.engine.train()
-        return {k: (sums[i] / sums[-1].clamp_min(1)).item() for i, k in enumerate(LOSS_KEYS)}
+        cv = total["cv"]
+        return {k: (cv[i] / cv[-1].clamp_min(1)).item() for i, k in enumerate(LOSS_KEYS)}
 
     def _finish(self) -> None:
         tokens = self.expert_load.run_totals()

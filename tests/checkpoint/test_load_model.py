@@ -133,6 +133,9 @@ def test_bad_checkpoints_are_named(trained_run, tmp_path):
     (broken / "checkpoints" / "latest").unlink()
     with pytest.raises(FileNotFoundError, match=rf"no latest file; pick a tag: \['{tag}'"):
         load_model(broken)
+    (tag_dir / "manifest.json").unlink()  # what a save killed before its commit leaves
+    with pytest.raises(FileNotFoundError, match="a partial checkpoint"):
+        load_model(tag_dir)
     ms = read_model_state(trained_run)
     ms.config.model.encoder.num_blocks += 1
     with pytest.raises(ValueError, match=r"weights do not fit the model of its config: missing \['encoder.encoders.2"):

@@ -1,0 +1,87 @@
+"""What a checkpoint was trained as, so a resume can tell what may continue and what may not.
+
+Every checkpoint carries ``fingerprint.json``: the model (its config section,
+without the CMVN file path, whose statistics travel in the weights), the
+vocabulary (size and a hash of the symbol table, so two swapped ids are seen),
+the tokenizer, the layout (ep_size, world size, ZeRO stage, precision) and the
+code version. Resuming compares it with the run being started:
+
+* a different model or vocabulary is refused: the weights would not mean the
+  same thing;
+* a different layout is refused with the conversion that does it properly
+  (DeepSpeed would place optimizer state on the wrong experts, or crash
+  inside the optimizer);
+* another code version is only reported.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from moe_asr import __version__
+from moe_asr.data.tokenizer import Tokenizer
+from moe_asr.engine.config import ExperimentConfig
+from moe_asr.schema import to_dict
+
+FILE = "fingerprint.json"
+LAYOUT = ("ep_size", "world_size", "zero_stage", "precision")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fingerprint(cfg: ExperimentConfig, tokenizer: Tokenizer, world_size: int, ds_config: dict) -> dict[str, Any]:
+    model = to_dict(cfg.model)
+    model["cmvn"] = None
+    model["moe"].pop("ep_size")
+    precision = next((k for k in ("bf16", "fp16") if ds_config.get(k, {}).get("enabled", False)), "fp32")
+    table = json.dumps(sorted(tokenizer.symbol_table.items()), ensure_ascii=False).encode()
+    return {"model": model, "vocab_size": tokenizer.vocab_size, "symbol_table_sha256": _sha256(table),
+            "tokenizer": {"type": cfg.data.tokenizer.type,
+                          "sp_model_sha256": _sha256(tokenizer.sp_model) if tokenizer.sp_model else None},
+            "ep_size": cfg.model.moe.ep_size, "world_size": world_size,
+            "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0), "precision": precision,
+            "code_version": __version__}
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def differences(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+    """``key -> (saved, current)`` for every fingerprint entry that differs (model keys dotted)."""
+    a, b = _flat(saved), _flat(current)
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def check_resume(tag_dir: Path, current: dict, run_dir: Path) -> list[str]:
+    """Raise :class:`ResumeRefused` if the checkpoint at ``tag_dir`` cannot continue as ``current``;
+    return the notes to log (a code version change)."""
+    path = tag_dir / FILE
+    if not path.is_file():
+        raise ResumeRefused(f"{tag_dir}: no {FILE}; this checkpoint cannot be checked against the run")
+    diff = differences(json.loads(path.read_text()), current)
+    notes = [f"written by moe-asr {diff.pop('code_version')[0]}, resumed by {__version__}"] \
+        if "code_version" in diff else []
+    model = {k: v for k, v in diff.items() if k not in LAYOUT}
+    if model:
+        shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in list(model.items())[:4])
+        raise ResumeRefused(f"{tag_dir}: trained with another model or vocabulary ({shown}); start a new run "
+                            f"in another --out-dir, or --overwrite this one")
+    if diff:
+        shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
+        raise ResumeRefused(f"{tag_dir}: written with another layout ({shown}); DeepSpeed cannot reshard it. "
+                            f"Continue at the new layout with: moe-asr convert ds-to-pt {run_dir} --tag "
+                            f"{tag_dir.name} --with-optimizer -o state.pt, then launch/train.py ... "
+                            f"--init-from state.pt --out-dir NEW_DIR")
+    return notes
+
+
+class ResumeRefused(RuntimeError):
+    """The run being started cannot continue this checkpoint; the message says why and what to do."""
