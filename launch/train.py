@@ -7,7 +7,7 @@ run that diverged) ends with its one-line message; `--debug` shows the traceback
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when the package is not installed
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's moe_asr before an installed one
 
 from moe_asr.engine.checkpoint import CheckpointError  # noqa: E402
 from moe_asr.engine.config import ConfigError  # noqa: E402

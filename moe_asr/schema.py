@@ -123,6 +123,14 @@ def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
 
 
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict of dotted keys (``{"moe": {"top_k": 2}}`` -> ``{"moe.top_k": 2}``)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
+    return out
+
+
 def load_yaml(path: str | Path, cls: type[T]) -> T:
     """Load and validate ``path`` as ``cls``; errors name the file and the key."""
     path = Path(path)

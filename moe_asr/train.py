@@ -26,7 +26,8 @@ from moe_asr.engine.checkpoint import LATEST, Checkpointer
 from moe_asr.engine.config import ConfigError, ExperimentConfig, save_config
 from moe_asr.engine.fingerprint import ResumeRefused, check_resume, fingerprint
 from moe_asr.engine.training_state import TrainingState, apply_training_state
-from moe_asr.schema import from_dict, to_dict
+from moe_asr.model.config import LAYOUT_KEYS, model_differences
+from moe_asr.schema import from_dict
 
 log = logging.getLogger("moe_asr.train")
 
@@ -84,22 +85,14 @@ def load_experiment(path: str, overrides: list[str], train_shards: Optional[str]
         raise ConfigError(f"{path}: {e}") from None
 
 
-# Model config keys a run may change when it starts from another run's weights: the layout.
-LAYOUT_KEYS = ("ep_size", "impl")
-
-
 def _init_from(path: str, cfg: ExperimentConfig, fresh_optimizer: bool) -> tuple[dict, Optional[TrainingState]]:
     """The weights (and training state, unless ``fresh_optimizer``) of the model file ``path`` for ``cfg``."""
     ms = read_model_state(path)
-    ours, theirs = to_dict(cfg.model), to_dict(ms.config.model)
-    for section in (ours, theirs):
-        section["cmvn"] = None  # the statistics travel in the weights
-        for key in LAYOUT_KEYS:
-            section["moe"].pop(key)
-    if ours != theirs:
-        key = next(k for k in ours if ours[k] != theirs.get(k))
+    diff = model_differences(ms.config.model, cfg.model)
+    if diff:
+        key, (theirs, ours) = next(iter(diff.items()))
         raise ConfigError(f"--init-from {path}: its model differs from this config's at model.{key} "
-                          f"({theirs.get(key)!r} vs {ours[key]!r}); only model.moe.{'/'.join(LAYOUT_KEYS)} may change")
+                          f"({theirs!r} vs {ours!r}); only model.{' and model.'.join(LAYOUT_KEYS)} may change")
     state = ms.extra.get("training_state")
     if state is None and not fresh_optimizer:
         raise ConfigError(f"--init-from {path}: the file has no training state (write it with "
@@ -128,9 +121,11 @@ def _start_point(args: argparse.Namespace, out_dir: Path, checkpoints: Checkpoin
         log.warning("%s: %s; resuming the newest complete checkpoint listed in checkpoints.json: %s",
                     checkpoints.root, f"{LATEST} names {latest}, which is not complete" if latest
                     else f"no {LATEST} file", tag)
-    if tag is None and (args.resume or held):
+    if tag is None and held:
         raise ResumeRefused(f"{out_dir} holds a run ({', '.join(held)}) but no complete checkpoint to resume; "
                             f"pass --overwrite to start it anew, or pick another --out-dir")
+    if tag is None and args.resume:
+        raise ResumeRefused(f"--resume: nothing to resume in {out_dir} (no run there)")
     return tag
 
 
@@ -142,11 +137,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     from moe_asr.data.loader import build_loader
     from moe_asr.data.tokenizer import Tokenizer
     from moe_asr.engine.deepspeed_engine import build_engine, deepspeed_config
-    from moe_asr.engine.distributed import init_distributed
+    from moe_asr.engine.distributed import barrier, init_distributed
     from moe_asr.engine.logging import setup_console
     from moe_asr.engine.loop import Trainer
 
-    tokenizer = Tokenizer.from_config(cfg.data.tokenizer, cfg.model.sos_eos_id)
+    try:
+        tokenizer = Tokenizer.from_config(cfg.data.tokenizer, cfg.model.sos_eos_id)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{args.config}: data.tokenizer: {e}") from None
     if tokenizer.vocab_size != cfg.model.vocab_size:
         # The model's <sos/eos> id depends on vocab_size: a mismatch trains silently wrong targets.
         raise ConfigError(f"{args.config}: model.vocab_size is {cfg.model.vocab_size}, but the symbol table "
@@ -154,8 +152,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     ds_config = deepspeed_config(args.deepspeed_config, cfg.train)
     info = init_distributed()
     setup_console(info.rank)
+    if info.world_size % cfg.model.moe.ep_size:
+        raise ConfigError(f"{args.config}: model.moe.ep_size={cfg.model.moe.ep_size} does not divide the "
+                          f"{info.world_size} ranks")
     weights, state = _init_from(args.init_from, cfg, args.fresh_optimizer) if args.init_from else (None, None)
-    # Every check runs before anything in the out-dir is touched: a refused start changes nothing.
+    try:
+        loaders = build_loader(cfg.data, "train", tokenizer), build_loader(cfg.data, "cv", tokenizer)
+    except (OSError, ValueError) as e:  # a missing or unset shard list (ConfigError is a ValueError too)
+        raise ConfigError(f"{args.config}: {e}") from None
+    # Every rank decides from the out-dir as it is; nothing in it changes until all ranks have decided
+    # and everything is loaded, so a refused or failed start leaves the run as it was.
     checkpoints = Checkpointer(out_dir / "checkpoints", cfg.train.keep_checkpoints, info.rank)
     tag = _start_point(args, out_dir, checkpoints)
     current = fingerprint(cfg, tokenizer, info.world_size, ds_config)
@@ -163,21 +169,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         checkpoints.verify(tag)
         for note in check_resume(checkpoints.root / tag, current, out_dir):
             log.info("%s", note)
-    if info.is_main:
-        if args.overwrite:
-            for name in RUN_FILES:
-                path = out_dir / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "train.yaml")
     tm = build_engine(cfg, ds_config, info, weights)
     # Training randomness (dropout, dynamic chunks) differs per rank; a resume restores it.
     seed = cfg.train.seed + info.rank
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
-    trainer = Trainer(cfg, tm, build_loader(cfg.data, "train", tokenizer), build_loader(cfg.data, "cv", tokenizer),
-                      out_dir, info, current)
+    trainer = Trainer(cfg, tm, *loaders, out_dir, info, current, checkpoints)
     if tag is not None:
         trainer.resume(tag)
     elif state is not None:
@@ -187,6 +185,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                  args.init_from, state.step, state.layout)
     elif weights is not None:
         log.info("starting from the weights of %s with a fresh optimizer and LR schedule", args.init_from)
+    if info.is_main:
+        if args.overwrite:
+            for name in RUN_FILES:
+                path = out_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "train.yaml")
+    barrier()
     log.info("training %s on %d rank(s), ep_size %d, ZeRO stage %d -> %s", args.config, info.world_size,
              cfg.model.moe.ep_size, tm.zero_stage, out_dir)
     trainer.fit()

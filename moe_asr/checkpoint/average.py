@@ -8,13 +8,14 @@ section, same keys and shapes, else the first difference is named.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal, Sequence
 
 from moe_asr.checkpoint.load import ModelState, read_model_state
 from moe_asr.engine.checkpoint import INDEX, CheckpointInfo
-from moe_asr.schema import to_dict
+from moe_asr.model.config import model_differences
 
 
 def run_checkpoints(run_dir: str | Path, n: int, by: Literal["best", "last"]) -> list[Path]:
@@ -25,7 +26,8 @@ def run_checkpoints(run_dir: str | Path, n: int, by: Literal["best", "last"]) ->
         raise FileNotFoundError(f"{run_dir}: not a run directory (no checkpoints/{INDEX})")
     index = [CheckpointInfo(**c) for c in json.loads(index_file.read_text())]
     if by == "best":
-        index = sorted((c for c in index if c.cv_loss is not None), key=lambda c: c.cv_loss)
+        index = sorted((c for c in index if c.cv_loss is not None and math.isfinite(c.cv_loss)),
+                       key=lambda c: c.cv_loss)
     else:
         index = sorted(index, key=lambda c: c.step, reverse=True)
     if len(index) < n:
@@ -40,12 +42,11 @@ def average(sources: Sequence[str | Path]) -> ModelState:
         raise ValueError("nothing to average")
     states = [read_model_state(s) for s in sources]
     first = states[0]
-    model_cfg = to_dict(first.config.model)
     for ms in states[1:]:
-        other = to_dict(ms.config.model)
-        if other != model_cfg:
-            diff = sorted(k for k in model_cfg if other.get(k) != model_cfg[k])
-            raise ValueError(f"{ms.source}: another model than {first.source} (config model.{diff[0]} differs)")
+        diff = model_differences(first.config.model, ms.config.model)
+        if diff:
+            raise ValueError(f"{ms.source}: another model than {first.source} (config model.{next(iter(diff))} "
+                             f"differs)")
         if ms.state.keys() != first.state.keys():
             key = sorted(ms.state.keys() ^ first.state.keys())[0]
             raise ValueError(f"{ms.source} and {first.source} differ in key {key}")

@@ -15,12 +15,12 @@ from typing import Optional
 
 import torch
 
-from moe_asr.checkpoint.load import ModelState, build_trained_model, read_model_state
+from moe_asr.checkpoint.load import ModelState, read_model_state
 from moe_asr.checkpoint.training_state import read_training_state
-from moe_asr.engine.config import ExperimentConfig, load_config
+from moe_asr.engine.config import ExperimentConfig, load_config, precision, zero_stage
 from moe_asr.engine.deepspeed_moe import MODEL_FILE, load_file
+from moe_asr.model.config import model_differences
 from moe_asr.model.u2pp import build_model
-from moe_asr.schema import to_dict
 
 
 def ds_to_pt(path: str | Path, tag: Optional[str], with_optimizer: bool) -> tuple[ModelState, dict]:
@@ -34,18 +34,17 @@ def ds_to_pt(path: str | Path, tag: Optional[str], with_optimizer: bool) -> tupl
     if ms.source.is_file():
         raise ValueError(f"{ms.source}: already a consolidated model file")
     ds_config = load_file(ms.source / MODEL_FILE)["ds_config"]
-    mixed = any(ds_config.get(k, {}).get("enabled", False) for k in ("bf16", "fp16"))
-    summary = {"source": str(ms.source), "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0),
-               "ep_size": ms.config.model.moe.ep_size, "precision": "mixed" if mixed else "fp32",
-               "with_optimizer": with_optimizer}
+    mixed = precision(ds_config) != "fp32"
+    summary = {"source": str(ms.source), "zero_stage": zero_stage(ds_config), "ep_size": ms.config.model.moe.ep_size,
+               "precision": precision(ds_config), "with_optimizer": with_optimizer}
     if with_optimizer or mixed:
-        shapes = {name: p.shape for name, p in build_trained_model(ms).named_parameters()}
+        with torch.device("meta"):
+            shapes = {name: p.shape for name, p in build_model(ms.config.model, load_cmvn=False).named_parameters()}
         ts, masters = read_training_state(ms.source, shapes, ms.config.model.moe.ep_size)
         state = {**ms.state, **masters}
         extra = {"training_state": asdict(ts)} if with_optimizer else {}
         ms = replace(ms, state=state, extra=extra)
         summary.update(world_size=ts.layout["world_size"], step=ts.step)
-    summary["parameters"] = sum(v.numel() for v in ms.state.values() if v.is_floating_point())
     return ms, summary
 
 
@@ -66,13 +65,10 @@ def upcycle(dense: str | Path, moe_config: str | Path) -> ModelState:
     if cfg.model.moe.num_experts < 2:
         raise ValueError(f"{moe_config}: model.moe.num_experts must be > 1 to upcycle into, got "
                          f"{cfg.model.moe.num_experts}")
-    ours, theirs = to_dict(cfg.model), to_dict(source.config.model)
-    for section in (ours, theirs):
-        section.pop("moe")
-        section["cmvn"] = None  # the statistics travel in the weights
-    if ours != theirs:
-        key = next(k for k in ours if ours[k] != theirs.get(k))
-        raise ValueError(f"{moe_config}: model.{key} is {ours[key]!r}, the dense model's {theirs.get(key)!r}; "
+    diff = {k: v for k, v in model_differences(cfg.model, source.config.model).items() if not k.startswith("moe.")}
+    if diff:
+        key, (ours, theirs) = next(iter(diff.items()))
+        raise ValueError(f"{moe_config}: model.{key} is {ours!r}, the dense model's {theirs!r}; "
                          f"only model.moe may differ")
     torch.manual_seed(cfg.train.seed)
     state = build_model(cfg.model, load_cmvn=False).state_dict()

@@ -112,7 +112,8 @@ def read_model_state(path: str | Path, tag: Optional[str] = None) -> ModelState:
         tokenizer = Tokenizer.from_config(config.data.tokenizer, config.model.sos_eos_id)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"{config_path}: the run's tokenizer cannot be read: {e}") from None
-    return ModelState(_fp32(read_deepspeed_model(tag_dir)), config, tokenizer, tag_dir, {})
+    state = read_deepspeed_model(tag_dir, config.model.moe.num_experts)
+    return ModelState(_fp32(state), config, tokenizer, tag_dir, {})
 
 
 def build_trained_model(ms: ModelState) -> U2PPModel:

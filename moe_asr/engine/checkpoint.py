@@ -75,8 +75,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
     with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _share(items: list, rank: int, world: int) -> list:
@@ -134,6 +137,9 @@ class Checkpointer:
              fingerprint: dict[str, Any]) -> None:
         """Collective: every rank writes its part; ``latest`` moves after all have finished."""
         tag_dir = self.root / info.tag
+        if self.rank == 0 and (tag_dir / MANIFEST).is_file():  # the tag is written again: incomplete until the end
+            (tag_dir / MANIFEST).unlink()
+        dist.barrier()
         engine.save_checkpoint(str(self.root), info.tag, client_state={"trainer": asdict(info)},
                                     save_latest=False)
         torch.save({**trainer_state, "rng": rng_state()}, tag_dir / trainer_state_file(self.rank))
@@ -141,7 +147,7 @@ class Checkpointer:
         if self.rank == 0:
             _write_atomic(tag_dir / "fingerprint.json", json.dumps(fingerprint, indent=1))
         dist.barrier()
-        files = sorted(p.name for p in tag_dir.iterdir() if p.is_file())
+        files = _gather(sorted(p.name for p in tag_dir.iterdir() if p.is_file()))[0]  # rank 0's listing for all
         world = dist.get_world_size() if dist.is_initialized() else 1
         mine = {name: {"size": (tag_dir / name).stat().st_size, "sha256": _sha256(tag_dir / name)}
                 for name in _share(files, self.rank, world)}

@@ -25,7 +25,8 @@ from moe_asr.data.config import DataConfig
 from moe_asr.model.config import ModelConfig
 from moe_asr.schema import ConfigError, check, dump_yaml, load_yaml
 
-__all__ = ["ExperimentConfig", "TrainConfig", "ConfigError", "load_config", "save_config"]
+__all__ = ["ExperimentConfig", "TrainConfig", "ConfigError", "load_config", "precision", "save_config",
+           "zero_stage"]
 
 
 @dataclass
@@ -96,3 +97,13 @@ def load_config(path: str | Path) -> ExperimentConfig:
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:
     dump_yaml(config, path)
+
+
+def zero_stage(ds_config: dict) -> int:
+    """The ZeRO stage of a DeepSpeed config (0 when it has no zero_optimization section)."""
+    return ds_config.get("zero_optimization", {}).get("stage", 0)
+
+
+def precision(ds_config: dict) -> str:
+    """``bf16``, ``fp16`` or ``fp32``: the training precision a DeepSpeed config asks for."""
+    return next((k for k in ("bf16", "fp16") if ds_config.get(k, {}).get("enabled", False)), "fp32")

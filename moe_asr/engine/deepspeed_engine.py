@@ -14,7 +14,7 @@ from pathlib import Path
 import deepspeed
 import torch
 
-from moe_asr.engine.config import ConfigError, ExperimentConfig, TrainConfig
+from moe_asr.engine.config import ConfigError, ExperimentConfig, TrainConfig, precision, zero_stage
 from moe_asr.engine.deepspeed_moe import prepare_moe_layers
 from moe_asr.engine.distributed import DistInfo
 from moe_asr.engine.optim import build_optimizer, build_scheduler
@@ -37,8 +37,8 @@ def deepspeed_config(path: str | Path, train: TrainConfig) -> dict:
     if clash:
         raise ConfigError(f"{path}: {clash} come from the experiment's train: section "
                           f"(lr, warmup_steps, decay, grad_clip, accum_grad); remove them from the JSON")
-    stage = cfg.get("zero_optimization", {}).get("stage", 0)
-    mixed = any(cfg.get(k, {}).get("enabled", False) for k in ("fp16", "bf16"))
+    stage = zero_stage(cfg)
+    mixed = precision(cfg) != "fp32"
     if stage not in (0, 1, 2):
         raise ConfigError(f"{path}: ZeRO stage {stage} does not support DeepSpeed MoE layers; use 0, 1 or 2")
     if stage == 0 and mixed:
@@ -68,7 +68,7 @@ def build_engine(cfg: ExperimentConfig, ds_config: dict, info: DistInfo,
     if weights is not None:
         model.load_state_dict(weights)
     layers = prepare_moe_layers(model, cfg.model.moe.ep_size)
-    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    stage = zero_stage(ds_config)
     optimizer = build_optimizer(model, cfg.train, stage)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                       lr_scheduler=lambda opt: build_scheduler(opt, cfg.train),

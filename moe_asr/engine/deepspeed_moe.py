@@ -40,7 +40,7 @@ import functools
 import re
 from collections import OrderedDict, defaultdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -147,12 +147,13 @@ def _from_deepspeed_keys(module: MoEFeedForward, state_dict: dict, prefix: str, 
             state_dict[f"{prefix}experts.{name}"] = torch.stack([state_dict.pop(k) for k in keys])
 
 
-def gather_experts(state: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+def gather_experts(state: dict[str, Tensor], where: str, num_experts: Optional[int] = None) -> dict[str, Tensor]:
     """DeepSpeed's per-expert keys (global ids, from every expert file) -> our stacked ``experts.<p>``.
 
     Every other key passes through. A layer whose expert ids are not exactly
-    ``0..E-1`` is an error naming the layer and the missing ids (``where``:
-    the checkpoint, for the message).
+    ``0..E-1`` (``E = num_experts`` when known, else the highest id found) is
+    an error naming the layer and the missing ids (``where``: the checkpoint,
+    for the message).
     """
     out: dict[str, Tensor] = {}
     experts: dict[tuple[str, str], dict[int, Tensor]] = defaultdict(dict)
@@ -163,7 +164,7 @@ def gather_experts(state: dict[str, Tensor], where: str) -> dict[str, Tensor]:
         else:
             out[key] = value
     for (layer, name), by_id in experts.items():
-        missing = sorted(set(range(max(by_id) + 1)) - set(by_id))
+        missing = sorted(set(range(num_experts or max(by_id) + 1)) - set(by_id))
         if missing:
             raise FileNotFoundError(f"{where}: layer {layer} has no {name} for expert(s) {missing} "
                                     f"(an expert file is missing)")
@@ -171,7 +172,7 @@ def gather_experts(state: dict[str, Tensor], where: str) -> dict[str, Tensor]:
     return out
 
 
-def read_deepspeed_model(tag_dir: Path) -> dict[str, Tensor]:
+def read_deepspeed_model(tag_dir: Path, num_experts: Optional[int] = None) -> dict[str, Tensor]:
     """The whole model state of one DeepSpeed checkpoint tag, experts stacked as our layers hold them."""
     tag_dir = Path(tag_dir)
     model_file = tag_dir / MODEL_FILE
@@ -180,7 +181,7 @@ def read_deepspeed_model(tag_dir: Path) -> dict[str, Tensor]:
     state = dict(load_file(model_file)["module"])
     for f in tqdm(sorted(tag_dir.glob(EXPERT_FILE_GLOB)), desc="expert files", unit="file", disable=None):
         state.update(load_file(f))
-    return gather_experts(state, str(tag_dir))
+    return gather_experts(state, str(tag_dir), num_experts)
 
 
 def load_file(path: Path) -> Any:

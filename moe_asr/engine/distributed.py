@@ -28,8 +28,9 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger("moe_asr.train")
-# Recorded when the module loads, before the slow imports and the rendezvous: the
-# launcher's pid, to find out whether it died before the kernel watched it for us.
+# Recorded when the module loads, before the rendezvous: the launcher's pid, to find
+# out whether it died before the kernel watched it for us. (A launcher that dies while
+# the rank is still importing torch goes unnoticed: a launcher may itself be pid 1.)
 _PARENT_AT_START = os.getppid()
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 WATCH_INTERVAL_S = 2.0
@@ -163,3 +164,9 @@ def all_reduce_named(tensors: Mapping[str, torch.Tensor], device: torch.device) 
     flat = all_reduce(torch.cat([t.to(device, torch.float64).reshape(-1) for t in tensors.values()])).cpu()
     parts = flat.split([shape.numel() for shape in shapes.values()])
     return {name: part.view(shape) for (name, shape), part in zip(shapes.items(), parts)}
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op for one process."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

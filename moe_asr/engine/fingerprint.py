@@ -6,8 +6,9 @@ vocabulary (size and a hash of the symbol table, so two swapped ids are seen),
 the tokenizer, the layout (ep_size, world size, ZeRO stage, precision) and the
 code version. Resuming compares it with the run being started:
 
-* a different model or vocabulary is refused: the weights would not mean the
-  same thing;
+* a different model, vocabulary or text normalisation is refused: the weights
+  would not mean the same thing (``model.moe.impl``, how the experts are
+  computed, may change);
 * a different layout is refused with the conversion that does it properly
   (DeepSpeed would place optimizer state on the wrong experts, or crash
   inside the optimizer);
@@ -22,8 +23,9 @@ from typing import Any
 
 from moe_asr import __version__
 from moe_asr.data.tokenizer import Tokenizer
-from moe_asr.engine.config import ExperimentConfig
-from moe_asr.schema import to_dict
+from moe_asr.engine.config import ExperimentConfig, precision, zero_stage
+from moe_asr.model.config import comparable
+from moe_asr.schema import flatten, to_dict
 
 FILE = "fingerprint.json"
 LAYOUT = ("ep_size", "world_size", "zero_stage", "precision")
@@ -34,29 +36,20 @@ def _sha256(data: bytes) -> str:
 
 
 def fingerprint(cfg: ExperimentConfig, tokenizer: Tokenizer, world_size: int, ds_config: dict) -> dict[str, Any]:
-    model = to_dict(cfg.model)
-    model["cmvn"] = None
-    model["moe"].pop("ep_size")
-    precision = next((k for k in ("bf16", "fp16") if ds_config.get(k, {}).get("enabled", False)), "fp32")
     table = json.dumps(sorted(tokenizer.symbol_table.items()), ensure_ascii=False).encode()
-    return {"model": model, "vocab_size": tokenizer.vocab_size, "symbol_table_sha256": _sha256(table),
-            "tokenizer": {"type": cfg.data.tokenizer.type,
-                          "sp_model_sha256": _sha256(tokenizer.sp_model) if tokenizer.sp_model else None},
-            "ep_size": cfg.model.moe.ep_size, "world_size": world_size,
-            "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0), "precision": precision,
-            "code_version": __version__}
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
+    text = to_dict(cfg.data.tokenizer)  # how transcripts become tokens; the files are hashed instead
+    for path in ("symbol_table", "bpe_model"):
+        text.pop(path)
+    return {"model": comparable(cfg.model), "vocab_size": tokenizer.vocab_size,
+            "symbol_table_sha256": _sha256(table),
+            "tokenizer": {**text, "sp_model_sha256": _sha256(tokenizer.sp_model) if tokenizer.sp_model else None},
+            "ep_size": cfg.model.moe.ep_size, "world_size": world_size, "zero_stage": zero_stage(ds_config),
+            "precision": precision(ds_config), "code_version": __version__}
 
 
 def differences(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
-    """``key -> (saved, current)`` for every fingerprint entry that differs (model keys dotted)."""
-    a, b = _flat(saved), _flat(current)
+    """``key -> (saved, current)`` for every fingerprint entry that differs (nested keys dotted)."""
+    a, b = flatten(saved), flatten(current)
     return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -39,7 +40,19 @@ def _tag(reason: str) -> str:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    """The records of a metrics file; a last line cut short (a run killed while writing it) is left out."""
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}:{i + 1}: not a JSON record") from None
+            log.warning("%s: the last record was cut short (the run was killed while writing it): left out", path)
+    return records
 
 
 class TrainLogger:
@@ -55,7 +68,9 @@ class TrainLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         kept = [r for r in read_metrics(self.metrics_path) if r["step"] <= resume_step]
-        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp = self.metrics_path.with_name(METRICS + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.metrics_path)
         # Epoch -> its latest epoch record: an epoch stopped by max_steps and finished after a
         # resume is reported twice, and its second report (the whole epoch) replaces the first.
         self.epochs = {r["epoch"]: r for r in kept if "data_skipped_epoch" in r}

@@ -96,12 +96,13 @@ class _Window:
 
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, tm: TrainingModel, train_loader: AsrDataLoader,
-                 cv_loader: AsrDataLoader, out_dir: Path, info: DistInfo, fingerprint: dict) -> None:
+                 cv_loader: AsrDataLoader, out_dir: Path, info: DistInfo, fingerprint: dict,
+                 checkpointer: Checkpointer) -> None:
         self.cfg, self.tm, self.info = cfg, tm, info
         self.engine = tm.engine
         self.train_loader, self.cv_loader = train_loader, cv_loader
         self.out_dir = Path(out_dir)
-        self.checkpointer = Checkpointer(self.out_dir / "checkpoints", cfg.train.keep_checkpoints, info.rank)
+        self.checkpointer = checkpointer
         self.fingerprint = fingerprint  # what every checkpoint of this run records (engine/fingerprint.py)
         self.state = LoopState()
         self.layer_names = list(tm.moe_layers)
@@ -199,12 +200,12 @@ class Trainer:
         s = self.state
         batch = batch.to(self.info.device)
         out = self.engine(batch.feats.to(self.dtype), batch.feats_lengths, batch.targets, batch.target_lengths)
-        self.expert_load.record()
         finite = all_reduce(torch.isfinite(out["loss"].detach()).float().reshape(1), dist.ReduceOp.MIN)
         if not bool(finite.item()):
             s.nonfinite_losses += 1
             self._nonfinite(f"non-finite loss on a micro-batch at step {s.step}")
             return False
+        self.expert_load.record()  # a dropped micro-batch routes nothing that counts
         self.engine.backward(out["loss"])
         steps, skipped = self.engine.global_steps, self.engine.skipped_steps
         self.engine.step()

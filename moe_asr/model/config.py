@@ -7,10 +7,10 @@ smoothing 0.1) and the U2++ MoE paper's MoE layer (8 experts, top-2, no aux loss
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from moe_asr.moe.config import MoEConfig
-from moe_asr.schema import check
+from moe_asr.schema import check, flatten, to_dict
 from moe_asr.symbols import LAST, SosEos, sos_eos_id
 
 Activation = Literal["swish", "relu", "gelu"]
@@ -112,3 +112,28 @@ class ModelConfig:
         check(self.decoder.r_num_blocks > 0 or self.reverse_weight == 0.0, "reverse_weight",
               "must be 0 when decoder.r_num_blocks is 0")
         check(0.0 <= self.lsm_weight < 1.0, "lsm_weight", "must be in [0, 1)")
+
+
+# How a model is computed and split over ranks, not what it computes: free to change between runs.
+LAYOUT_KEYS = ("moe.ep_size", "moe.impl")
+
+
+def comparable(cfg: ModelConfig) -> dict[str, Any]:
+    """``cfg`` as flat dotted keys, for telling whether two configs describe the same model.
+
+    The CMVN file path counts only as present or absent (its statistics travel
+    in the weights, but without it the model has no CMVN buffers), and the
+    layout keys are left out.
+    """
+    flat = flatten(to_dict(cfg))
+    flat["cmvn"] = flat["cmvn"] is not None
+    for key in LAYOUT_KEYS:
+        flat.pop(key)
+    return flat
+
+
+def model_differences(a: ModelConfig, b: ModelConfig) -> dict[str, tuple[Any, Any]]:
+    """``key -> (a's value, b's value)`` for every key where the two models differ."""
+    x, y = comparable(a), comparable(b)
+    return {k: (x.get(k), y.get(k)) for k in sorted(x.keys() | y.keys()) if x.get(k) != y.get(k)}
+

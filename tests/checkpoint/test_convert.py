@@ -52,7 +52,7 @@ def test_average_is_the_mean_of_the_tensors(tmp_path):
 def test_average_refuses_different_models(tmp_path):
     a, _ = _saved(tmp_path / "a.pt", 0)
     b, _ = _saved(tmp_path / "b.pt", 0, num_experts=2)
-    with pytest.raises(ValueError, match=r"b.pt: another model than .*a.pt \(config model.moe differs\)"):
+    with pytest.raises(ValueError, match=r"b.pt: another model than .*a.pt \(config model.moe.num_experts differs\)"):
         average([a, b])
 
 
@@ -62,10 +62,11 @@ def test_run_checkpoints_picks_best_and_last(tmp_path):
     index = [{"tag": "step_10", "step": 10, "epoch": 0, "cv_loss": 3.0},
              {"tag": "epoch_0", "step": 20, "epoch": 0, "cv_loss": 1.0},
              {"tag": "step_30", "step": 30, "epoch": 1, "cv_loss": None},
-             {"tag": "epoch_1", "step": 40, "epoch": 1, "cv_loss": 2.0}]
+             {"tag": "epoch_1", "step": 40, "epoch": 1, "cv_loss": 2.0},
+             {"tag": "step_45", "step": 45, "epoch": 2, "cv_loss": float("nan")}]
     (root / "checkpoints.json").write_text(json.dumps(index))
-    assert run_checkpoints(tmp_path, 2, "best") == [root / "epoch_0", root / "epoch_1"]
-    assert run_checkpoints(tmp_path, 3, "last") == [root / "epoch_1", root / "step_30", root / "epoch_0"]
+    assert run_checkpoints(tmp_path, 2, "best") == [root / "epoch_0", root / "epoch_1"]  # NaN is no best
+    assert run_checkpoints(tmp_path, 3, "last") == [root / "step_45", root / "epoch_1", root / "step_30"]
     with pytest.raises(ValueError, match="4 checkpoints asked for, 3 with a CV loss listed"):
         run_checkpoints(tmp_path, 4, "best")
 
@@ -107,7 +108,7 @@ def test_upcycle_refuses_other_shapes(tmp_path):
     dense_pt, _ = _saved(tmp_path / "dense.pt", 3, num_experts=1, top_k=1)
     cfg = read_model_state(dense_pt).config
     cfg.model.encoder.linear_units = 64
-    with pytest.raises(ValueError, match=r"model.encoder is .*linear_units.: 64.*only model.moe may differ"):
+    with pytest.raises(ValueError, match=r"model.encoder.linear_units is 64, the dense model's 48; only model.moe may differ"):
         upcycle(dense_pt, _moe_yaml(tmp_path, cfg, num_experts=4, top_k=2))
     moe_pt, _ = _saved(tmp_path / "moe.pt", 3)
     with pytest.raises(ValueError, match="not a dense model"):

@@ -123,6 +123,10 @@ def test_bad_checkpoints_are_named(trained_run, tmp_path):
     broken = tmp_path / "run"
     shutil.copytree(trained_run, broken)
     tag_dir = broken / "checkpoints" / tag
+    last = SMALL_MODEL["model.moe.num_experts"] - 1
+    (tag_dir / f"layer_1_expert_{last}_mp_rank_00_model_states.pt").unlink()  # the highest id: seen from the config
+    with pytest.raises(FileNotFoundError, match=rf"has no w1 for expert\(s\) \[{last}\]"):
+        load_model(broken)
     (tag_dir / "layer_0_expert_1_mp_rank_00_model_states.pt").unlink()
     with pytest.raises(FileNotFoundError, match=r"has no w1 for expert\(s\) \[1\]"):
         load_model(broken)
