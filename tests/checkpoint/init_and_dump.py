@@ -30,9 +30,10 @@ def _apply_and_dump(engine, model, zero_stage, ts, weights):
         for name, p in model.named_parameters():
             moments[name] = {k: safe_get_full_optimizer_state(p, k).clone() for k in ("exp_avg", "exp_avg_sq")}
         steps = {float(s["step"]) for s in engine.optimizer.optimizer.state.values()}
+    out_dir = Path(train.build_parser().parse_known_args()[0].out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # training creates it only once the start is settled
     torch.save({"moments": moments, "adam_steps": sorted(steps), "lr": engine.get_lr(),
-                "global_steps": engine.global_steps},
-               Path(train.build_parser().parse_known_args()[0].out_dir) / "applied.pt")
+                "global_steps": engine.global_steps}, out_dir / "applied.pt")
 
 
 train.apply_training_state = _apply_and_dump
