@@ -17,7 +17,6 @@ import torch
 from moe_asr.engine.config import load_config
 from moe_asr.model.config import ModelConfig
 from moe_asr.model.u2pp import build_model
-from moe_asr.moe.layer import MoEFeedForward
 
 
 def _component(name: str) -> str:

@@ -1,7 +1,6 @@
 """MoE layer equivalences: grouped fast path == per-expert loop, one expert == dense FFN."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moe_asr.moe.config import MoEConfig
