@@ -116,7 +116,8 @@ class BatchConfig:
 class TokenizerConfig:
     """Transcript -> token ids. The symbol table (``units.txt``) fixes the model's vocab_size."""
 
-    type: Literal["char", "bpe", "unigram"] = "char"
+    # `word`: whitespace-separated words are the units (small closed vocabularies, e.g. digits).
+    type: Literal["char", "word", "bpe", "unigram"] = "char"
     # `moe-asr train-tokenizer` writes both files and prints this section.
     symbol_table: Optional[str] = None
     # sentencepiece model for bpe/unigram.

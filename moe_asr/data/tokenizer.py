@@ -1,4 +1,4 @@
-"""Transcripts <-> token ids: text normalisation, character and sentencepiece tokenizers.
+"""Transcripts <-> token ids: text normalisation, character, word and sentencepiece tokenizers.
 
 Ids follow the special-symbol convention of ``moe_asr.symbols``, which the
 model relies on; the real tokens fill the other ids. The table is a file
@@ -16,6 +16,7 @@ from moe_asr import symbols
 from moe_asr.data.config import TokenizerConfig
 
 SPACE = "\u2581"  # sentencepiece's word boundary mark
+SENTENCEPIECE = ("bpe", "unigram")
 
 
 def normalize_text(text: str, cfg: TokenizerConfig) -> str:
@@ -101,7 +102,7 @@ class Tokenizer:
         if cfg.symbol_table is None:
             raise ValueError("data.tokenizer.symbol_table is not set (make one with `moe-asr train-tokenizer`)")
         sp_model = None
-        if cfg.type != "char":
+        if cfg.type in SENTENCEPIECE:
             model = Path(cfg.bpe_model or "")
             if not model.is_file():
                 raise FileNotFoundError(f"{model}: sentencepiece model (data.tokenizer.bpe_model) not found")
@@ -110,7 +111,7 @@ class Tokenizer:
 
     @property
     def sp_model(self) -> Optional[bytes]:
-        """The sentencepiece model (bpe/unigram), None for characters."""
+        """The sentencepiece model (bpe/unigram), None for characters and words."""
         return self._sp_model
 
     @property
@@ -135,6 +136,8 @@ class Tokenizer:
         text = normalize_text(text, self.cfg)
         if self.cfg.type == "char":
             return [SPACE if c == " " else c for c in text]
+        if self.cfg.type == "word":
+            return text.split()
         return self._processor().encode(text, out_type=str)
 
     def encode(self, text: str) -> list[int]:
@@ -147,8 +150,10 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         special = (self.blank_id, self.sos_eos_id)
-        text = "".join(self.id_to_token.get(int(i), symbols.UNK) for i in ids if int(i) not in special)
-        return text.replace(SPACE, " ").strip()
+        tokens = [self.id_to_token.get(int(i), symbols.UNK) for i in ids if int(i) not in special]
+        if self.cfg.type == "word":
+            return " ".join(tokens)
+        return "".join(tokens).replace(SPACE, " ").strip()
 
 
 def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str | Path,
@@ -165,8 +170,9 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str | P
     if not normalized:
         raise ValueError("no transcripts to train a tokenizer on")
     units_path = out_dir / "units.txt"
-    if cfg.type == "char":
-        tokens = sorted({SPACE if c == " " else c for t in normalized for c in t})
+    if cfg.type in ("char", "word"):
+        tokens = sorted({SPACE if c == " " else c for t in normalized for c in t} if cfg.type == "char"
+                        else {w for t in normalized for w in t.split()})
         return replace(cfg, symbol_table=str(units_path), bpe_model=None), write_symbol_table(tokens, units_path)
     import sentencepiece as spm
     if vocab_size < 2:

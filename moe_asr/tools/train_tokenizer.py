@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--text", help="text file, one transcript a line")
     parser.add_argument("--text-has-keys", action="store_true",
                         help="each --text line starts with an utterance id (Kaldi `text`)")
-    parser.add_argument("--type", choices=("char", "bpe", "unigram"), default="char")
+    parser.add_argument("--type", choices=("char", "word", "bpe", "unigram"), default="char")
     parser.add_argument("--vocab-size", type=int, default=0, help="sentencepiece vocabulary size (bpe/unigram)")
     parser.add_argument("--out", required=True, help="folder for units.txt (and the sentencepiece model)")
     parser.add_argument("--case", choices=("keep", "lower", "upper"), default="keep")
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
                           keep_punctuation=args.keep_punctuation)
     cfg, vocab_size = train_tokenizer(_transcripts(args), cfg, args.out, args.vocab_size)
     print(f"train-tokenizer: {cfg.type} tokenizer, vocab_size {vocab_size}, symbol table {cfg.symbol_table}")
-    print("Put this in the experiment config:")
+    print("Put this in the experiment config (or model.vocab_size: auto, which reads the symbol table):")
     print(yaml.safe_dump({"model": {"vocab_size": vocab_size},
                           "data": {"tokenizer": {k: getattr(cfg, k) for k in
                                                  ("type", "symbol_table", "bpe_model", "case",

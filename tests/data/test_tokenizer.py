@@ -1,4 +1,4 @@
-"""Symbol table convention, normalisation, char and sentencepiece tokenizers, the CLI."""
+"""Symbol table convention, normalisation, char, word and sentencepiece tokenizers, the CLI."""
 from __future__ import annotations
 
 import pytest
@@ -26,6 +26,17 @@ def test_char_tokenizer_round_trip_and_convention(tmp_path):
     assert 0 not in ids and tok.unk_id not in ids and max(ids) < vocab - 1
     assert tok.decode(ids) == "HELLO WORLD"
     assert tok.encode("HELLO Z") [-1] == tok.unk_id
+
+
+def test_word_tokenizer_units_are_words(tmp_path):
+    cfg, vocab = train_tokenizer(["two oh seven", "nine  Two"], TokenizerConfig(type="word", case="lower"), tmp_path)
+    table = read_symbol_table(cfg.symbol_table)
+    assert vocab == 3 + 4 and cfg.bpe_model is None
+    assert [t for t, i in sorted(table.items(), key=lambda x: x[1])][2:-1] == ["nine", "oh", "seven", "two"]
+    tok = Tokenizer.from_config(cfg)
+    ids = tok.encode("TWO nine eight")
+    assert ids == [table["two"], table["nine"], tok.unk_id]
+    assert tok.decode(ids[:2]) == "two nine" and tok.decode([0, *ids[:2], vocab - 1]) == "two nine"
 
 
 @pytest.mark.parametrize("kind", ["bpe", "unigram"])
