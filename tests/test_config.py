@@ -3,20 +3,41 @@ from pathlib import Path
 
 import pytest
 
-from moe_asr.engine.config import ConfigError, load_config
+from moe_asr.engine.config import ConfigError, load_config, save_config
+from moe_asr.model.u2pp import build_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+EXAMPLES = CONF.parent / "examples"
 
 
-@pytest.mark.parametrize("path", sorted(CONF.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted([*CONF.glob("*.yaml"), *EXAMPLES.glob("*/conf/*.yaml")]),
+                         ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     cfg = load_config(path)
-    assert cfg.model.vocab_size > 2
+    assert cfg.model.vocab_size == "auto" or cfg.model.vocab_size > 2
+
+
+def test_auto_vocab_size_is_the_symbol_table_size(tmp_path):
+    units = tmp_path / "units.txt"
+    units.write_text("<blank> 0\n<unk> 1\nyes 2\nno 3\n<sos/eos> 4\n")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model:\n  vocab_size: auto\ndata:\n  tokenizer: {{symbol_table: {units}}}\n")
+    cfg = load_config(path)
+    assert cfg.model.vocab_size == 5
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml").model.vocab_size == 5  # what a run records is the number
+    path.write_text("model:\n  vocab_size: auto\n")
+    unresolved = load_config(path).model
+    assert unresolved.vocab_size == "auto"
+    with pytest.raises(ConfigError, match="model.vocab_size: is auto but no symbol table is known"):
+        build_model(unresolved)
 
 
 @pytest.mark.parametrize("body,needle", [
     ("model:\n  vocab_size: 10\n  encoder:\n    num_blok: 2\n", "model.encoder: unknown key(s) ['num_blok']"),
-    ("model:\n  vocab_size: ten\n", "model.vocab_size: expected an integer, got 'ten'"),
+    ("model:\n  vocab_size: ten\n", "model.vocab_size: 'ten' is not int or 'auto'"),
+    ("model:\n  vocab_size: auto\ndata:\n  tokenizer: {symbol_table: /nonexistent/units.txt}\n",
+     "model.vocab_size: auto reads the symbol table /nonexistent/units.txt: No such file or directory"),
     ("model:\n  vocab_size: 10\n  moe:\n    top_k: 9\n", "model.moe.top_k: must be in [1, num_experts=8]"),
     ("model:\n  vocab_size: 10\n  encoder:\n    input_layer: conv3\n", "model.encoder.input_layer: 'conv3' is not one of"),
     ("model:\n  vocab_size: 10\n  moe:\n    ep_size: 3\n", "model.moe.ep_size: must divide num_experts=8"),

@@ -90,6 +90,13 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        # `model.vocab_size: auto` is the symbol table's size: one number fewer to keep in step by hand.
+        try:
+            self.model = self.model.resolved(self.data.tokenizer.symbol_table)
+        except ConfigError as e:
+            raise ConfigError(f"model.{e}") from None
+
 
 def load_config(path: str | Path) -> ExperimentConfig:
     return load_yaml(path, ExperimentConfig)

@@ -6,8 +6,9 @@ smoothing 0.1) and the U2++ MoE paper's MoE layer (8 experts, top-2, no aux loss
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
 
 from moe_asr.moe.config import MoEConfig
 from moe_asr.schema import check, flatten, to_dict
@@ -83,9 +84,15 @@ class DecoderConfig:
         check(self.r_num_blocks >= 0, "r_num_blocks", "must be >= 0")
 
 
+# `model.vocab_size: auto` takes the size from the symbol table (data.tokenizer.symbol_table).
+AUTO = "auto"
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: int
+    # An integer, or `auto`: the line count of data.tokenizer.symbol_table, read when the
+    # experiment config is loaded (the model cannot be built before it is known).
+    vocab_size: Union[int, Literal["auto"]]
     input_dim: int = 80
     # JSON file of global CMVN stats (from `moe-asr compute-cmvn`); loaded into
     # the encoder so the statistics travel with the model.
@@ -102,16 +109,38 @@ class ModelConfig:
     sos_eos_id: SosEos = LAST
 
     def __post_init__(self) -> None:
-        check(self.vocab_size >= 3, "vocab_size", "needs at least <blank>, one token and <sos/eos>")
-        try:
-            sos_eos_id(self.vocab_size, self.sos_eos_id)
-        except ValueError as e:
-            check(False, "sos_eos_id", str(e))
+        if self.vocab_size != AUTO:
+            self._check_vocabulary()
         check(0.0 <= self.ctc_weight <= 1.0, "ctc_weight", "must be in [0, 1]")
         check(0.0 <= self.reverse_weight <= 1.0, "reverse_weight", "must be in [0, 1]")
         check(self.decoder.r_num_blocks > 0 or self.reverse_weight == 0.0, "reverse_weight",
               "must be 0 when decoder.r_num_blocks is 0")
         check(0.0 <= self.lsm_weight < 1.0, "lsm_weight", "must be in [0, 1)")
+
+    def _check_vocabulary(self) -> None:
+        check(self.vocab_size >= 3, "vocab_size", "needs at least <blank>, one token and <sos/eos>")
+        try:
+            sos_eos_id(self.vocab_size, self.sos_eos_id)
+        except ValueError as e:
+            check(False, "sos_eos_id", str(e))
+
+    def resolved(self, symbol_table: Optional[str]) -> "ModelConfig":
+        """This config with ``vocab_size: auto`` replaced by the size of ``symbol_table``."""
+        if self.vocab_size != AUTO or symbol_table is None:
+            return self
+        path = Path(symbol_table)
+        try:
+            size = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+        except OSError as e:
+            check(False, "vocab_size", f"auto reads the symbol table {path}: {e.strerror}")
+        return replace(self, vocab_size=size)
+
+    def require_vocabulary(self) -> int:
+        """The vocabulary size; a model cannot be built while it is still ``auto``."""
+        check(self.vocab_size != AUTO, "model.vocab_size",
+              "is auto but no symbol table is known: set data.tokenizer.symbol_table (its line count is the "
+              "vocabulary) or give model.vocab_size")
+        return self.vocab_size
 
 
 # How a model is computed and split over ranks, not what it computes: free to change between runs.

@@ -73,6 +73,7 @@ class U2PPModel(nn.Module):
 def build_model(cfg: ModelConfig, load_cmvn: bool = True) -> U2PPModel:
     """The model for ``cfg``. ``load_cmvn=False`` makes placeholder CMVN buffers
     (for loading a checkpoint, which carries the real statistics)."""
+    cfg.require_vocabulary()
     cmvn = None
     if cfg.cmvn:
         d = cfg.input_dim

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 
 import torch
 
-from moe_asr.engine.config import load_config
-from moe_asr.model.config import ModelConfig
+from moe_asr.engine.config import ConfigError, load_config
+from moe_asr.model.config import AUTO, ModelConfig
 from moe_asr.model.u2pp import build_model
 
 
@@ -69,10 +70,23 @@ def count_parameters(cfg: ModelConfig) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="experiment YAML (its `model` section is used)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--symbol-table", metavar="UNITS_TXT",
+                        help="symbol table for a config with model.vocab_size: auto (default: the config's "
+                             "data.tokenizer.symbol_table)")
 
 
 def run(args: argparse.Namespace) -> int:
-    info = count_parameters(load_config(args.config).model)
+    cfg = load_config(args.config)
+    try:
+        model = cfg.model.resolved(args.symbol_table or cfg.data.tokenizer.symbol_table)
+    except ConfigError as e:
+        model, problem = cfg.model, f"model.{e}"
+    else:
+        problem = None if model.vocab_size != AUTO else "model.vocab_size is auto: pass --symbol-table UNITS_TXT"
+    if problem:
+        print(f"moe-asr model-info: error: {args.config}: {problem}", file=sys.stderr)
+        return 2
+    info = count_parameters(model)
     if args.json:
         print(json.dumps(info))
         return 0

@@ -39,3 +39,14 @@ def test_text_output(capsys):
     assert main(["model-info", str(CONF / "tiny_moe.yaml")]) == 0
     out = capsys.readouterr().out
     assert "active / token" in out and "encoder.experts" in out
+
+
+def test_auto_vocabulary_needs_a_symbol_table(tmp_path, capsys):
+    config = tmp_path / "auto.yaml"
+    config.write_text((CONF / "tiny_moe.yaml").read_text().replace("vocab_size: 20", "vocab_size: auto"))
+    assert main(["model-info", str(config)]) == 2
+    assert "model.vocab_size is auto: pass --symbol-table" in capsys.readouterr().err
+    units = tmp_path / "units.txt"
+    units.write_text("".join(f"t{i} {i}\n" for i in range(20)))
+    assert main(["model-info", str(config), "--json", "--symbol-table", str(units)]) == 0
+    assert json.loads(capsys.readouterr().out) == _info(capsys, "tiny_moe.yaml")
