@@ -25,6 +25,19 @@ class Hypothesis:
     score: float
 
 
+def effective_reverse_weight(model: torch.nn.Module, reverse_weight: float) -> float:
+    """0 for a model without an R2L decoder (``r_num_blocks: 0``), so one set of decoding
+    arguments serves models with and without it."""
+    return reverse_weight if getattr(model.decoder, "right_decoder", None) is not None else 0.0
+
+
+def check_methods(methods: Sequence[str]) -> None:
+    """Refuse names that are not in :data:`METHODS`, naming them."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown decoding method(s) {unknown}; choose from {list(METHODS)}")
+
+
 def decode(
     model: torch.nn.Module,
     feats: torch.Tensor,
@@ -58,15 +71,12 @@ def decode(
     Returns:
         Per method, one :class:`Hypothesis` per utterance.
     """
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown decoding method(s) {unknown}; choose from {list(METHODS)}")
+    check_methods(methods)
     if chunk_size == 0:
         raise ValueError("chunk_size must be > 0 (chunked) or -1 (full context), got 0")
     if streaming and chunk_size < 0:
         raise ValueError(f"streaming decoding needs chunk_size > 0, got {chunk_size}")
-    if getattr(model.decoder, "right_decoder", None) is None:
-        reverse_weight = 0.0
+    reverse_weight = effective_reverse_weight(model, reverse_weight)
     was_training = model.training
     model.eval()
     try:

@@ -45,7 +45,8 @@ class RelPositionMultiHeadedAttention(MultiHeadedAttention):
 
     ``shift``: the position term scores the distance ``i - j`` (``pos_emb``
     per distance, see ``RelPositionalEncoding``); without it, WeNet's variant,
-    it scores each key's own encoding (``pos_emb`` per key).
+    it scores each key's own encoding (``pos_emb`` per key, ``[1 or B, k, d]``:
+    per stream when the streams of a batch are at different positions).
     ``cache [B, h, T_cache, 2 * d_k]`` holds keys and values of earlier frames;
     the new cache (cache + this chunk) is returned for the caller to trim.
     """
@@ -68,7 +69,7 @@ class RelPositionMultiHeadedAttention(MultiHeadedAttention):
             k_cache, v_cache = cache.split(self.d_k, dim=-1)
             k, v = torch.cat([k_cache, k], dim=2), torch.cat([v_cache, v], dim=2)
         new_cache = torch.cat([k, v], dim=-1)
-        p = self.linear_pos(pos_emb).view(1, -1, self.h, self.d_k).transpose(1, 2)
+        p = self.linear_pos(pos_emb).view(pos_emb.shape[0], -1, self.h, self.d_k).transpose(1, 2)
         content = (q + self.pos_bias_u.unsqueeze(1)) @ k.transpose(-2, -1)
         position = (q + self.pos_bias_v.unsqueeze(1)) @ p.transpose(-2, -1)
         if self.shift:

@@ -27,6 +27,17 @@ class ConformerEncoderLayer(nn.Module):
             self.norm_final = nn.LayerNorm(size, eps=1e-5)
         self.dropout = nn.Dropout(dropout)
 
+    def initial_caches(self, batch: int) -> tuple[Tensor, Tensor]:
+        """The caches of ``batch`` streams at their start: no attention frames, and zeros as the
+        convolution's left context, which is what the full forward pads with (GLU outputs or module
+        inputs alike). Real shapes rather than empty ones let streams that start at different
+        chunks share one batch."""
+        w = self.norm_mha.weight
+        att = w.new_zeros(batch, self.self_attn.h, 0, 2 * self.self_attn.d_k)
+        if self.conv_module is None:
+            return att, w.new_zeros(batch, 0, 0)
+        return att, w.new_zeros(batch, w.shape[0], self.conv_module.lorder)
+
     def forward(self, x: Tensor, mask: Tensor, pos_emb: Tensor, mask_pad: Tensor,
                 att_cache: Tensor | None = None, cnn_cache: Tensor | None = None
                 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -36,7 +47,7 @@ class ConformerEncoderLayer(nn.Module):
             x = x + self.ff_scale * self.dropout(self.feed_forward_macaron(self.norm_ff_macaron(x), valid))
         att, new_att_cache = self.self_attn(self.norm_mha(x), mask, pos_emb, att_cache)
         x = x + self.dropout(att)
-        new_cnn_cache = x.new_zeros(0)
+        new_cnn_cache = x.new_zeros(x.shape[0], 0, 0)
         if self.conv_module is not None:
             conv, new_cnn_cache = self.conv_module(self.norm_conv(x), mask_pad, cnn_cache)
             x = x + self.dropout(conv)

@@ -44,9 +44,11 @@ class RelPositionalEncoding(nn.Module):
 
     For ``q_len`` queries that are the last ``q_len`` of ``k_len = cache_len +
     q_len`` keys: with ``shift`` the distances ``i - j`` from ``k_len - 1`` down
-    to ``-(q_len - 1)``, ``[1, k_len + q_len - 1, d]``; without, the keys'
-    absolute positions ``offset - cache_len .. offset + q_len - 1``, ``[1,
-    k_len, d]``, where ``offset`` is the first query's position.
+    to ``-(q_len - 1)``, ``[1, k_len + q_len - 1, d]``, the same for every
+    stream; without, the keys' absolute positions ``offset - cache_len ..
+    offset + q_len - 1``, where ``offset`` is the first query's position:
+    ``[B, k_len, d]`` for per-stream ``offset [B]`` (streams at different
+    positions in one batch), ``[1, k_len, d]`` from position 0 when it is None.
     """
 
     def __init__(self, d_model: int, dropout: float, shift: bool = True) -> None:
@@ -55,11 +57,12 @@ class RelPositionalEncoding(nn.Module):
         self.shift = shift
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, cache_len: int = 0, offset: int = 0) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, cache_len: int = 0, offset: Tensor | None = None) -> tuple[Tensor, Tensor]:
         q_len = x.shape[1]
         if self.shift:
-            pos = torch.arange(cache_len + q_len - 1, -q_len, -1, device=x.device)
+            pos = torch.arange(cache_len + q_len - 1, -q_len, -1, device=x.device).unsqueeze(0)
         else:
-            pos = torch.arange(offset - cache_len, offset + q_len, device=x.device)
-        pos_emb = sinusoid(pos, self.d_model).to(x.dtype).unsqueeze(0)
+            start = torch.zeros(1, dtype=torch.long, device=x.device) if offset is None else offset
+            pos = (start - cache_len).unsqueeze(1) + torch.arange(cache_len + q_len, device=x.device)
+        pos_emb = sinusoid(pos.flatten(), self.d_model).to(x.dtype).view(*pos.shape, self.d_model)
         return self.dropout(x * math.sqrt(self.d_model)), self.dropout(pos_emb)

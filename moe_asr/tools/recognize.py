@@ -4,7 +4,9 @@ The input is WAV files, a wav.scp, a Kaldi data directory or shards, at any
 sample rate (resampled to the model's, as in training). Features are the
 model's own training features without dither or augmentation; CMVN is inside
 the model. Utterances are sorted by length (in windows of 1000) and decoded in
-padded batches of at most --batch-frames feature frames. Output under OUTDIR:
+padded batches of at most --batch-frames feature frames; with --streaming they
+are decoded as --streams concurrent streams instead, chunk by chunk, a waiting
+utterance joining whenever one ends. Output under OUTDIR:
 
   <mode>/text      `key transcript` per line, sorted by key, one directory per mode;
                    with --chunk-size C the name is <mode>_chunkC, then _leftL with
@@ -24,7 +26,7 @@ import json
 import logging
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -35,10 +37,11 @@ from tqdm import tqdm
 from moe_asr.checkpoint import LoadedModel, build_trained_model, load_model
 from moe_asr.checkpoint.average import average, run_checkpoints
 from moe_asr.data import sources
-from moe_asr.data.feature_batches import feature_batches
+from moe_asr.data.feature_batches import FeatureBatch, feature_batches
 from moe_asr.data.kaldi_text import write_table
 from moe_asr.data.tokenizer import normalize_text
-from moe_asr.decode import METHODS, decode
+from moe_asr.decode import METHODS, Hypothesis, decode
+from moe_asr.decode.streaming import StreamingRecognizer
 
 log = logging.getLogger("moe_asr.recognize")
 
@@ -63,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-left-chunks", type=int, default=-1, help="left chunks each chunk sees (default -1: all)")
     parser.add_argument("--streaming", action="store_true",
                         help="run the encoder chunk by chunk with its caches (needs --chunk-size)")
+    parser.add_argument("--streams", type=int, default=16,
+                        help="with --streaming: utterances decoded concurrently, as one batch per chunk (default 16)")
     parser.add_argument("--batch-frames", type=int, default=4000,
                         help="padded feature frames per batch (default 4000); a longer utterance is decoded alone")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
@@ -91,6 +96,8 @@ def _check_options(args: argparse.Namespace) -> list[str]:
         raise ValueError("--streaming needs --chunk-size > 0")
     if args.batch_frames < 1:
         raise ValueError("--batch-frames must be >= 1")
+    if args.streams < 1:
+        raise ValueError("--streams must be >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available")
     return modes
@@ -145,10 +152,56 @@ class Results:
     decoded: int = 0
 
 
+Waiting = deque[tuple[str, torch.Tensor]]
+"""Utterances (key, features) that have not joined a streaming recognizer yet."""
+
+
+def _stream(rec: StreamingRecognizer, waiting: Waiting, streams: int, drain: bool) -> dict[str, Hypothesis]:
+    """Step ``rec`` with up to ``streams`` live streams, a waiting utterance joining whenever one ends,
+    until none waits (with ``drain``, until every stream has finished); the finished ones' hypotheses."""
+    (method,) = rec.methods
+    out: dict[str, Hypothesis] = {}
+    while waiting or (drain and len(rec)):
+        while waiting and len(rec) < streams:
+            key, feats = waiting.popleft()
+            rec.add(key, feats, last=True)
+        out.update((key, hyps[method]) for key, hyps in rec.step().items())
+    return out
+
+
 def recognize(loaded: LoadedModel, source: sources.Source, modes: list[str], args: argparse.Namespace) -> Results:
-    """Decode every readable utterance of ``source`` with each mode, timing features and each mode apart."""
+    """Decode every readable utterance of ``source`` with each mode, timing features and each mode apart.
+
+    With ``--streaming`` each mode has its own recognizer, whose streams carry over from one feature
+    batch to the next, so utterances join as others finish whatever the batches.
+    """
     tokenizer = loaded.tokenizer
     res = Results({m: {} for m in modes}, decode_seconds=dict.fromkeys(modes, 0.0))
+    recognizers = {m: StreamingRecognizer(loaded.model, args.chunk_size, args.num_left_chunks, [m], args.beam_size,
+                                          args.ctc_weight, args.reverse_weight)
+                   for m in modes} if args.streaming else {}
+    waiting: dict[str, Waiting] = {m: deque() for m in recognizers}
+
+    def decode_mode(m: str, batch: Optional[FeatureBatch]) -> dict[str, Hypothesis]:
+        """One mode on one batch (None: the end of the input, the streams drain)."""
+        if not args.streaming:
+            feats, lengths = batch.feats.to(args.device), batch.feats_lengths.to(args.device)
+            out = decode(loaded.model, feats, lengths, [m], beam_size=args.beam_size, chunk_size=args.chunk_size,
+                         num_left_chunks=args.num_left_chunks, ctc_weight=args.ctc_weight,
+                         reverse_weight=args.reverse_weight)[m]
+            return dict(zip(batch.keys, out))
+        if batch is not None:
+            waiting[m].extend((k, batch.feats[i, :n]) for i, (k, n) in
+                              enumerate(zip(batch.keys, batch.feats_lengths.tolist())))
+        return _stream(recognizers[m], waiting[m], args.streams, drain=batch is None)
+
+    def decode_modes(batch: Optional[FeatureBatch]) -> None:
+        for m in modes:
+            start = time.perf_counter()
+            hyps = decode_mode(m, batch)
+            res.decode_seconds[m] += time.perf_counter() - start
+            res.hyps[m].update((k, tokenizer.decode(h.tokens)) for k, h in hyps.items())
+
     with tqdm(total=source.count, unit="utt", desc="recognize") as bar:
         def on_skip(skip: sources.Skip) -> None:
             res.skips.append(skip)
@@ -162,21 +215,16 @@ def recognize(loaded: LoadedModel, source: sources.Source, modes: list[str], arg
             batch = next(batches, None)
             res.feature_seconds += time.perf_counter() - start
             if batch is None:
-                return res
-            feats, lengths = batch.feats.to(args.device), batch.feats_lengths.to(args.device)
-            for m in modes:
-                start = time.perf_counter()
-                out = decode(loaded.model, feats, lengths, [m], beam_size=args.beam_size,
-                             chunk_size=args.chunk_size, num_left_chunks=args.num_left_chunks,
-                             ctc_weight=args.ctc_weight, reverse_weight=args.reverse_weight,
-                             streaming=args.streaming)[m]
-                res.decode_seconds[m] += time.perf_counter() - start
-                res.hyps[m].update((k, tokenizer.decode(h.tokens)) for k, h in zip(batch.keys, out))
+                break
+            decode_modes(batch)
             res.refs.update((k, normalize_text(t, tokenizer.cfg)) for k, t in zip(batch.keys, batch.texts)
                             if t is not None)
             res.audio_seconds += batch.seconds
             res.decoded += len(batch.keys)
             bar.update(len(batch.keys))
+    if args.streaming:
+        decode_modes(None)
+    return res
 
 
 def write_outputs(res: Results, dirs: dict[str, str], out_dir: Path, summary: dict) -> None:

@@ -4,7 +4,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from moe_asr.model.encoder import ConformerEncoder
+from moe_asr.model.encoder import ConformerEncoder, StreamState
 from moe_asr.schema import ConfigError
 
 from tests.helpers import tiny_config
@@ -117,3 +117,68 @@ def test_causal_encoder_does_not_look_ahead_past_its_chunk():
     first_affected = next(t for t in range(a.shape[1]) if 4 * ((t // 4) * 4 + 3) + 6 >= 80)
     torch.testing.assert_close(a[:, :first_affected], b[:, :first_affected])
     assert (a[:, first_affected:] - b[:, first_affected:]).abs().max() > 1e-3
+
+
+def _stream_together(enc: ConformerEncoder, utts: list[torch.Tensor], joins: list[int], chunk: int,
+                     left: int) -> list[torch.Tensor]:
+    """Advance utterances as one batch of streams: utterance i joins at step ``joins[i]``, sits out
+    every step where ``(step + i) % 3 == 0`` (waiting for input), and leaves after its last chunk."""
+    w = enc.stream_windows(chunk, left)
+    state, rows = enc.init_state(0), []  # rows: the utterance of each state row
+    starts, outs = [0] * len(utts), [[] for _ in utts]
+    step = 0
+    while step <= max(joins) or rows:
+        joining = [i for i, j in enumerate(joins) if j == step]
+        state, rows = StreamState.cat([state, enc.init_state(len(joining))]), rows + joining
+        ready = [r for r, i in enumerate(rows) if (step + i) % 3 != 0]
+        waiting = [r for r in range(len(rows)) if r not in ready]
+        if ready:
+            windows = [utts[rows[r]][starts[rows[r]]:starts[rows[r]] + w.window] for r in ready]
+            lens = torch.tensor([x.shape[0] for x in windows])
+            sub = state.select(torch.tensor(ready))
+            ys, new = enc.forward_chunk(torch.nn.utils.rnn.pad_sequence(windows, batch_first=True), lens, sub,
+                                        w.required_cache_size)
+            for k, r in enumerate(ready):
+                outs[rows[r]].append(ys[k, :int(new.lengths[k] - sub.lengths[k])])
+                starts[rows[r]] += w.stride
+            state = StreamState.cat([state.select(torch.tensor(waiting, dtype=torch.long)), new])
+            rows = [rows[r] for r in waiting] + [rows[r] for r in ready]
+        keep = [r for r, i in enumerate(rows) if utts[i].shape[0] - starts[i] >= w.context]
+        state, rows = state.select(torch.tensor(keep, dtype=torch.long)), [rows[r] for r in keep]
+        step += 1
+    return [torch.cat(o) if o else torch.zeros(0, enc.output_size) for o in outs]
+
+
+@pytest.mark.parametrize("num_experts", [4, 1])
+@pytest.mark.parametrize("rel_pos_shift,causal_pad", [(True, "glu_output"), (False, "input"),
+                                                      (True, "input"), (False, "glu_output")])
+@pytest.mark.parametrize("left", [-1, 1])
+def test_streams_at_different_positions_in_one_batch_equal_each_alone(num_experts, rel_pos_shift, causal_pad, left):
+    """Streams that join at different chunks, wait, and leave at their ends, advanced together, give each
+    utterance's own streaming output and its chunk-masked forward: offsets, left-padded attention caches,
+    convolution caches and the left-chunk limit stay per stream."""
+    cfg = tiny_config(num_experts=num_experts, top_k=min(2, num_experts))
+    enc = ConformerEncoder(replace(cfg.encoder, rel_pos_shift=rel_pos_shift, causal_pad=causal_pad),
+                           cfg.input_dim, cfg.moe).eval()
+    lengths, joins, chunk = [90, 37, 5, 61, 118], [0, 0, 2, 3, 5], 4
+    utts = [torch.randn(n, 20) for n in lengths]
+    with torch.no_grad():
+        together = _stream_together(enc, utts, joins, chunk, left)
+        for x, out in zip(utts, together):
+            full, mask = enc(x[None], torch.tensor([x.shape[0]]), chunk, left)
+            alone, _ = enc.forward_chunk_by_chunk(x[None], torch.tensor([x.shape[0]]), chunk, left)
+            n = int(mask.sum())
+            assert out.shape == (alone.shape[1], enc.output_size) and out.shape[0] == n
+            torch.testing.assert_close(out, alone[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out, full[0, :n], rtol=1e-5, atol=1e-5)
+
+
+def test_state_select_drops_history_no_kept_stream_uses():
+    enc = _encoder()
+    xs, lens = torch.randn(1, 40, 20), torch.tensor([40])
+    with torch.no_grad():
+        _, old = enc.forward_chunk(xs, lens, enc.init_state(1))
+    both = StreamState.cat([old, enc.init_state(1)])
+    assert both.cache_mask.shape == (2, old.cache_mask.shape[1]) and not both.cache_mask[1].any()
+    newcomer = both.select(torch.tensor([1]))
+    assert newcomer.cache_mask.shape == (1, 0) and all(c.shape[2] == 0 for c in newcomer.att_cache)
