@@ -1,0 +1,64 @@
+"""Export a trained model to ONNX, MoE layers kept sparse; optionally for sherpa-onnx too.
+
+Writes under OUTDIR:
+
+  encoder_ctc.onnx          full-context encoder + CTC on padded batches
+  streaming_encoder.onnx    one chunk of a batch of streams, fixed-size caches in and out
+                            (causal encoders only)
+  decoder_l2r.onnx, decoder_r2l.onnx
+                            the attention decoders, teacher-forced, for rescoring
+  sherpa-onnx/              with --sherpa-onnx: model.onnx (offline), model-streaming.onnx
+                            (causal encoders), tokens.txt, for sherpa-onnx's WeNet CTC model type
+  export.json               every file's inputs, outputs (axes) and metadata, the model's features
+
+Every MoE layer is one com.microsoft MoE node of ONNX Runtime (only the
+top-k experts of each token run); CMVN is inside the graphs, the features
+(fbank) are not.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from moe_asr.checkpoint import load_model
+from moe_asr.export import DESCRIPTION, export_model
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="model file, run directory, checkpoints directory or checkpoint tag directory")
+    parser.add_argument("--tag", help="checkpoint tag of a run directory (default: its latest)")
+    parser.add_argument("-o", "--out-dir", required=True, help="output folder")
+    parser.add_argument("--sherpa-onnx", action="store_true",
+                        help="also write sherpa-onnx WeNet CTC files (offline and streaming) and tokens.txt")
+    parser.add_argument("--chunk-size", type=int, default=16,
+                        help="streaming chunk in encoder frames (default 16)")
+    parser.add_argument("--num-left-chunks", type=int, default=4,
+                        help="left chunks each streaming chunk sees, >= 0: the cache size (default 4)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default 17)")
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    if args.chunk_size < 1:
+        raise ValueError("--chunk-size must be >= 1")
+    if args.num_left_chunks < 0:
+        raise ValueError("--num-left-chunks must be >= 0: a streaming graph keeps a fixed-size cache")
+    if args.opset < 17:
+        raise ValueError("--opset must be >= 17 (LayerNormalization)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        _check_options(args)
+        loaded = load_model(args.model, args.tag)
+    except (OSError, ValueError) as e:
+        print(f"moe-asr export: error: {e}", file=sys.stderr)
+        return 1
+    about = {"model": str(loaded.source), "features": dataclasses.asdict(loaded.config.data.features)}
+    summary = export_model(loaded.model, args.out_dir, args.chunk_size, args.num_left_chunks, args.opset,
+                           loaded.tokenizer.symbol_table if args.sherpa_onnx else None, about)
+    print(json.dumps({"out_dir": args.out_dir, "description": DESCRIPTION, "files": sorted(summary["files"]),
+                      "skipped": summary["skipped"]}, indent=2))
+    return 0
