@@ -19,6 +19,8 @@ COMMANDS: dict[str, str] = {
     "convert": "moe_asr.tools.convert",
     "recognize": "moe_asr.tools.recognize",
     "score": "moe_asr.tools.score",
+    "bench-rtf": "moe_asr.tools.bench_rtf",
+    "export": "moe_asr.tools.export",
 }
 
 
