@@ -2,7 +2,7 @@
 
 Usage: moe-asr bench-rtf conf/paper_dense_225m.yaml conf/paper_moe_1b.yaml [--seconds 10]
            [--modes encoder,ctc_greedy_search,attention_rescoring] [--contexts full,16,8,16/4]
-           [--streams 1,4,16,64] [--threads 2] [--rounds 5] [--device cpu] [--json out.json]
+           [--streams 1,4,16,64] [--threads 2] [--rounds 5] [--device cpu] [--onnx] [--json out.json]
 
 A model is a config YAML (random weights: speed does not depend on them) or a
 trained model (anything `moe-asr recognize --model` takes). Every row is timed
@@ -22,6 +22,16 @@ were routed to, counted by the routers as the row ran). A streaming chunk of 16
 frames at batch 1 already touches nearly every expert of every layer, so the
 MoE model reads about E/top_k times the FFN weights of the dense one per chunk;
 concurrent streams share those reads.
+
+--onnx: each model is also exported (`moe-asr export`'s graphs, in a temporary
+folder) and its encoder rows timed under ONNX Runtime as well (CPU, --threads
+intra-op threads), in the same rounds, right after the eager model's turn:
+full context with encoder_ctc.onnx, `C/L` with streaming_encoder.onnx driven
+chunk by chunk, the N streams as one batch. Those graphs also compute the CTC
+log-probs, a small extra the eager rows leave out. A streaming graph keeps a
+bounded cache, so a `C` context (no left limit) has no ONNX cell: it is
+skipped, and the run says why. Before a cell is timed, the graph's encoder
+output must equal the eager one on that cell's input to 1e-4, or the run stops.
 """
 from __future__ import annotations
 
@@ -42,6 +52,7 @@ from moe_asr.decode.streaming import StreamingRecognizer
 from moe_asr.engine.config import ConfigError, load_config
 from moe_asr.model.u2pp import U2PPModel, build_model
 from moe_asr.moe.router import TopKRouter
+from moe_asr.tools.bench_onnx import RUNTIME, OnnxEncoder, OnnxMismatch, check_equal
 
 MODES = ("encoder", "ctc_greedy_search", "ctc_prefix_beam_search", "attention_rescoring")
 
@@ -115,10 +126,11 @@ def memory_bandwidth(seconds: float = 0.5) -> float:
 
 @dataclass
 class Bench:
-    """One model under test, with its weight-read counter."""
+    """One model under test, with its weight-read counter (and, with --onnx, its exported graphs)."""
     name: str
     model: U2PPModel
     reads: WeightReads = field(init=False)
+    onnx: Optional[OnnxEncoder] = None
 
     def __post_init__(self) -> None:
         self.reads = WeightReads(self.model)
@@ -137,20 +149,28 @@ def load_bench(spec: str, vocab_size: int, device: str) -> Bench:
     return Bench(Path(spec).stem, model.to(device).eval())
 
 
+def encoder_out(model: U2PPModel, ctx: Context, feats: torch.Tensor,
+                lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the encoder mode computes, output and mask: the whole batch at once, or chunk by chunk."""
+    if ctx.chunk < 0:
+        return model.encode(feats, lengths, -1, -1)
+    return model.encoder.forward_chunk_by_chunk(feats, lengths, ctx.chunk, ctx.left)
+
+
 def run_row(bench: Bench, mode: str, ctx: Context, feats: torch.Tensor, lengths: torch.Tensor) -> float:
     """Seconds to decode every utterance of ``feats`` in ``mode``; weight reads counted meanwhile."""
     model, reads = bench.model, bench.reads
     start = time.perf_counter()
-    if ctx.chunk < 0:
-        reads.encoder_calls()
-        if mode == "encoder":
-            model.encode(feats, lengths, -1, -1)
+    if mode == "encoder":
+        if ctx.chunk < 0:
+            reads.encoder_calls()
         else:
-            decode(model, feats, lengths, [mode], chunk_size=-1)
-    elif mode == "encoder":
-        w = model.encoder.stream_windows(ctx.chunk, ctx.left)
-        reads.encoder_calls(max(1, -(-(feats.shape[1] - w.context + 1) // w.stride)))
-        model.encoder.forward_chunk_by_chunk(feats, lengths, ctx.chunk, ctx.left)
+            w = model.encoder.stream_windows(ctx.chunk, ctx.left)
+            reads.encoder_calls(max(1, -(-(feats.shape[1] - w.context + 1) // w.stride)))
+        encoder_out(model, ctx, feats, lengths)
+    elif ctx.chunk < 0:
+        reads.encoder_calls()
+        decode(model, feats, lengths, [mode], chunk_size=-1)
     else:
         rec = StreamingRecognizer(model, ctx.chunk, ctx.left, methods=[mode])
         for i in range(feats.shape[0]):
@@ -161,10 +181,6 @@ def run_row(bench: Bench, mode: str, ctx: Context, feats: torch.Tensor, lengths:
     if mode == "attention_rescoring":  # the streams end together: one decoder call
         reads.decoder_call()
     return time.perf_counter() - start
-
-
-def _spread(values: list[float]) -> str:
-    return f"{min(values):.4f}-{max(values):.4f}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -179,6 +195,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per cell (after one warm-up)")
     parser.add_argument("--vocab-size", type=int, default=5000, help="for configs whose vocab_size is auto")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also time each model's exported encoder graphs under ONNX Runtime (CPU, --threads) "
+                             "in the encoder rows: full and C/L contexts; a C context without a left limit is "
+                             "skipped (the streaming graph's cache is bounded); needs --device cpu")
     parser.add_argument("--json", help="also write every cell here")
 
 
@@ -196,7 +216,100 @@ def _options(args: argparse.Namespace) -> tuple[list[str], list[Context], list[i
         raise ValueError("--streams, --rounds and --threads must be >= 1 and --seconds > 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available")
+    if args.onnx and (args.device != "cpu" or "encoder" not in modes):
+        raise ValueError("--onnx times ONNX Runtime on CPU in the encoder rows: give --device cpu and the encoder mode")
     return modes, contexts, streams
+
+
+def _onnx_cells(benches: list[Bench], ctx: Context, feats: torch.Tensor, lengths: torch.Tensor,
+                where: str) -> dict[str, Callable[[], object]]:
+    """Each model's graph run for this encoder cell, checked once against the eager output."""
+    runs = {}
+    for b in benches:
+        if b.onnx is not None and not b.onnx.skip_reason(ctx.chunk, ctx.left):
+            runs[b.name] = b.onnx.prepare(ctx.chunk, ctx.left, feats, lengths)
+            check_equal(runs[b.name](), *encoder_out(b.model, ctx, feats, lengths), f"{b.name} {where}")
+    return runs
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _rtf(seconds: list[float], audio: float) -> dict[str, float]:
+    """Median and spread of the rounds' RTFs, round 0 (the warm-up) left out."""
+    rtfs = [s / audio for s in seconds[1:]]
+    return {"rtf": statistics.median(rtfs), "min": min(rtfs), "max": max(rtfs)}
+
+
+def measure_row(benches: list[Bench], mode: str, ctx: Context, n: int, args: argparse.Namespace,
+                bandwidth: Optional[float]) -> dict:
+    """One row, the models taking turns within each round (eager, then its graph); JSON-ready."""
+    frames = int(args.seconds * 100)
+    torch.manual_seed(1)
+    feats = torch.randn(n, frames, benches[0].model.cfg.input_dim, device=args.device)
+    lengths = torch.full((n,), frames, dtype=torch.long, device=args.device)
+    onnx = _onnx_cells(benches, ctx, feats, lengths, f"{ctx.name} N={n}") if mode == "encoder" else {}
+    eager: dict[str, list[float]] = {b.name: [] for b in benches}
+    graph: dict[str, list[float]] = {name: [] for name in onnx}
+    reads: dict[str, int] = {}
+    for _ in range(args.rounds + 1):
+        for b in benches:
+            b.reads.bytes = 0
+            eager[b.name].append(run_row(b, mode, ctx, feats, lengths))
+            reads[b.name] = b.reads.bytes
+            if b.name in onnx:
+                graph[b.name].append(_timed(onnx[b.name]))
+    audio = n * args.seconds
+    cells = {}
+    for b in benches:
+        cells[b.name] = {**_rtf(eager[b.name], audio), "weight_bytes_read": reads[b.name],
+                         "floor_rtf": reads[b.name] / bandwidth / audio if bandwidth else None,
+                         "has_experts": b.reads.has_experts}
+        if b.name in onnx:
+            cell = _rtf(graph[b.name], audio)
+            cells[b.name]["onnx"] = {**cell, "eager_over_onnx": cells[b.name]["rtf"] / cell["rtf"]}
+        elif b.onnx is not None and mode == "encoder":
+            cells[b.name]["onnx"] = {"skipped": b.onnx.skip_reason(ctx.chunk, ctx.left)}
+    return {"mode": mode, "context": ctx.name, "streams": n, "models": cells}
+
+
+def _spread(cell: dict) -> str:
+    return f"{cell['min']:.4f}-{cell['max']:.4f}"
+
+
+def _print_row(row: dict, names: list[str]) -> None:
+    """The eager line and, for a row with ONNX cells, the ONNX line under it (eager/onnx beside each)."""
+    cells = [row["models"][n] for n in names]
+    line = f"{row['mode']:<22}{row['context']:<16}{row['streams']:>4}"
+    for c in cells:
+        floor = f" (floor {c['floor_rtf']:.4f})" if c["has_experts"] and c["floor_rtf"] else ""
+        line += f"  {c['rtf']:>8.4f} [{_spread(c)}]{floor}"
+    if len(cells) == 2:
+        line += f"  {cells[1]['rtf'] / cells[0]['rtf']:.2f}x"
+    print(line, flush=True)
+    onnx = [c.get("onnx") for c in cells]
+    if any(o and "rtf" in o for o in onnx):
+        line = f"{'  (onnx)':<42}"
+        for o in onnx:
+            line += f"  {o['rtf']:>8.4f} [{_spread(o)}] eager/onnx {o['eager_over_onnx']:.2f}x" if "rtf" in o \
+                else f"  {'skipped':>8}"
+        if len(onnx) == 2 and all("rtf" in o for o in onnx):
+            line += f"  {onnx[1]['rtf'] / onnx[0]['rtf']:.2f}x"
+        print(line, flush=True)
+
+
+def _print_skips(benches: list[Bench], contexts: list[Context]) -> None:
+    """Why a context has no ONNX cells, once for the whole run."""
+    for ctx in contexts:
+        skipped: dict[str, list[str]] = {}
+        for b in benches:
+            if reason := b.onnx.skip_reason(ctx.chunk, ctx.left):
+                skipped.setdefault(reason, []).append(b.name)
+        for reason, models in skipped.items():
+            print(f"onnx skipped at {ctx.name} for {', '.join(models)}: {reason}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -207,53 +320,39 @@ def run(args: argparse.Namespace) -> int:
         print(f"moe-asr bench-rtf: error: {e}", file=sys.stderr)
         return 1
     torch.set_num_threads(args.threads)
+    if args.onnx:
+        streaming = list(dict.fromkeys((c.chunk, c.left) for c in contexts if c.chunk > 0 and c.left >= 0))
+        for b in benches:
+            b.onnx = OnnxEncoder(b.model, streaming, args.threads)
     bandwidth = memory_bandwidth() if args.device == "cpu" else None
-    frames = int(args.seconds * 100)
     names = [b.name for b in benches]
     print(f"bench-rtf: {', '.join(names)}; {args.seconds:g} s utterances, {args.threads} thread(s), "
           f"{args.device}, {args.rounds} rounds"
-          + (f", memory bandwidth {bandwidth / 1e9:.1f} GB/s" if bandwidth else ""))
+          + (f", memory bandwidth {bandwidth / 1e9:.1f} GB/s" if bandwidth else "")
+          + (f"; encoder rows also under {RUNTIME}" if args.onnx else ""))
+    print(f"{'mode':<22}{'context':<16}{'N':>4}" + "".join(f"  {n[:26]:>26}" for n in names)
+          + ("  ratio" if len(names) == 2 else ""))
+    if args.onnx:
+        _print_skips(benches, contexts)
     rows = []
-    header = f"{'mode':<22}{'context':<16}{'N':>4}" + "".join(f"  {n[:26]:>26}" for n in names)
-    print(header + ("  ratio" if len(names) == 2 else ""))
-    with torch.inference_mode():
-        for mode in modes:
-            for ctx in contexts:
-                for n in streams:
-                    torch.manual_seed(1)
-                    feats = torch.randn(n, frames, benches[0].model.cfg.input_dim, device=args.device)
-                    lengths = torch.full((n,), frames, dtype=torch.long, device=args.device)
-                    times: dict[str, list[float]] = {b.name: [] for b in benches}
-                    reads: dict[str, int] = {}
-                    for r in range(args.rounds + 1):
-                        for b in benches:  # the models take turns within a round
-                            b.reads.bytes = 0
-                            seconds = run_row(b, mode, ctx, feats, lengths)
-                            if r:  # round 0 warms up
-                                times[b.name].append(seconds / (n * args.seconds))
-                            reads[b.name] = b.reads.bytes
-                    cells = {}
-                    for b in benches:
-                        rtf = statistics.median(times[b.name])
-                        floor = reads[b.name] / bandwidth / (n * args.seconds) if bandwidth else None
-                        cells[b.name] = {"rtf": rtf, "min": min(times[b.name]), "max": max(times[b.name]),
-                                         "weight_bytes_read": reads[b.name], "floor_rtf": floor,
-                                         "has_experts": b.reads.has_experts}
-                    rows.append({"mode": mode, "context": ctx.name, "streams": n, "models": cells})
-                    line = f"{mode:<22}{ctx.name:<16}{n:>4}"
-                    for b in benches:
-                        c = cells[b.name]
-                        floor = f" (floor {c['floor_rtf']:.4f})" if c["has_experts"] and c["floor_rtf"] else ""
-                        line += f"  {c['rtf']:>8.4f} [{_spread(times[b.name])}]{floor}"
-                    if len(names) == 2:
-                        line += f"  {cells[names[1]]['rtf'] / cells[names[0]]['rtf']:.2f}x"
-                    print(line, flush=True)
+    try:
+        with torch.inference_mode():
+            for mode in modes:
+                for ctx in contexts:
+                    for n in streams:
+                        rows.append(measure_row(benches, mode, ctx, n, args, bandwidth))
+                        _print_row(rows[-1], names)
+    except OnnxMismatch as e:
+        print(f"moe-asr bench-rtf: error: {e}", file=sys.stderr)
+        return 1
     if len(names) == 2:
         print(f"ratio: {names[1]} / {names[0]} RTF, medians measured side by side")
     if args.json:
         Path(args.json).write_text(json.dumps({"models": names, "seconds": args.seconds, "threads": args.threads,
                                                "device": args.device, "rounds": args.rounds,
-                                               "memory_bandwidth": bandwidth, "rows": rows}, indent=1) + "\n")
+                                               "memory_bandwidth": bandwidth,
+                                               "onnx_runtime": RUNTIME if args.onnx else None, "rows": rows},
+                                              indent=1) + "\n")
     for b in benches:
         b.reads.close()
     return 0

@@ -1,11 +1,15 @@
-"""bench-rtf: the weight-read counter counts what the routers touched; every requested cell is measured."""
+"""bench-rtf: the weight-read counter counts what the routers touched; every requested cell is measured;
+with --onnx the exported encoder graphs are timed beside the eager rows once they match them."""
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from moe_asr.cli import main
 from moe_asr.model.u2pp import build_model
+from moe_asr.tools import bench_rtf
+from moe_asr.tools.bench_onnx import check_equal
 from moe_asr.tools.bench_rtf import WeightReads
 from tests.helpers import tiny_config
 
@@ -45,6 +49,44 @@ def test_every_cell_is_measured_side_by_side(tmp_path, capsys):
         assert moe["weight_bytes_read"] > 0
 
 
+def test_onnx_cells_are_checked_then_timed_beside_the_eager_ones(tmp_path, capsys, monkeypatch):
+    checked = []
+
+    def check(got, eager, mask, where):
+        checked.append(where)
+        check_equal(got, eager, mask, where)
+
+    monkeypatch.setattr(bench_rtf, "check_equal", check)
+    out = tmp_path / "rtf.json"
+    assert main(["bench-rtf", str(CONF / "tiny_dense.yaml"), str(CONF / "tiny_moe.yaml"), "--seconds", "0.5",
+                 "--rounds", "1", "--streams", "2", "--contexts", "full,4,4/1", "--threads", "1",
+                 "--modes", "encoder", "--onnx", "--json", str(out)]) == 0
+    assert checked == [f"{m} {c} N=2" for c in ("full", "chunk4_left1") for m in ("tiny_dense", "tiny_moe")]
+    printed = capsys.readouterr().out
+    assert printed.count("(onnx)") == 2 and "onnx skipped at chunk4 for tiny_dense, tiny_moe: no left limit" in printed
+    result = json.loads(out.read_text())
+    assert result["onnx_runtime"].startswith("ONNX Runtime ")
+    cells = {r["context"]: r["models"] for r in result["rows"]}
+    for context in ("full", "chunk4_left1"):
+        for model in cells[context].values():
+            assert min(model["onnx"]["rtf"], model["onnx"]["min"]) > 0
+            assert model["onnx"]["eager_over_onnx"] == pytest.approx(model["rtf"] / model["onnx"]["rtf"])
+    assert all("bounded cache" in m["onnx"]["skipped"] for m in cells["chunk4"].values())
+
+
+def test_an_onnx_output_off_by_more_than_1e_4_on_a_valid_frame_is_refused():
+    eager = torch.zeros(2, 3, 4)
+    mask = torch.tensor([[[True, True, True]], [[True, False, False]]])
+    got = eager.numpy().copy()
+    got[1, 2] = 1.0  # padding: not compared
+    check_equal(got, eager, mask, "m full N=2")
+    got[1, 0, 3] = 2e-4
+    with pytest.raises(ValueError, match=r"^m full N=2: ONNX encoder output differs from eager by 2.00e-04"):
+        check_equal(got, eager, mask, "m full N=2")
+
+
 def test_bad_options_are_one_line(capsys):
     assert main(["bench-rtf", str(CONF / "tiny_moe.yaml"), "--contexts", "full,x"]) == 1
     assert capsys.readouterr().err.strip() == "moe-asr bench-rtf: error: --contexts: 'x' is not full, C or C/L"
+    assert main(["bench-rtf", str(CONF / "tiny_moe.yaml"), "--onnx", "--modes", "ctc_greedy_search"]) == 1
+    assert capsys.readouterr().err.strip().startswith("moe-asr bench-rtf: error: --onnx times ONNX Runtime on CPU")
