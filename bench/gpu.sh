@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One-shot GPU measurement for the MoE kernels: correctness on CUDA, then the
-# benchmark tables. Installs nothing; run from anywhere, on a machine with
+# benchmark tables, then the paper's headline (MoE-1B vs Dense-225M RTF). Installs nothing; run from anywhere, on a machine with
 # torch + triton (deepspeed optional: skipped if missing).
 #
 #   OUT=/some/dir bench/gpu.sh          # results under $OUT (default ./bench_gpu_out)
 #
-# Budget: about 6 to 9 minutes on an H100/H200 (first-call autotuning included).
+# Budget: about 7 to 10 minutes on an H100/H200 (first-call autotuning included; step 4 at most 150 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -35,4 +35,8 @@ timeout 420 $PY -m bench.kernels --device cuda --dtype bf16 --preset gpu --d 256
 # 3. fp32 and fp16 spot checks of the layer (small grid).
 timeout 120 $PY -m bench.kernels --device cuda --dtype fp16 --preset quick --rounds 3 --round-seconds 0.05 \
   2>&1 | tee "$OUT/bench_fp16.md"
+# 4. The paper's claim: RTF of MoE-1B vs Dense-225M (random weights), full context and streaming.
+timeout 150 $PY -m moe_asr.cli bench-rtf conf/paper_dense_225m.yaml conf/paper_moe_1b.yaml --device cuda \
+  --seconds 10 --modes encoder,attention_rescoring --contexts full,16 --streams 1,16 --rounds 3 \
+  --json "$OUT/bench_rtf_paper.json" 2>&1 | tee "$OUT/bench_rtf_paper.md"
 echo "results in $OUT"
