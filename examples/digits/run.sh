@@ -10,6 +10,7 @@
 #   --dense   the dense twin at equal active parameters (conf/dense.yaml, default exp exp/demo_dense)
 #   --small   a few dozen utterances and a few training steps: checks that every stage works
 #   --port P  the ranks' rendezvous port (default 29500); two runs at once need two ports
+#   --average N  average the N checkpoints with the lowest CV loss (default 3; --small: 2)
 set -euo pipefail
 
 stage=0
@@ -20,6 +21,7 @@ data=data/digits
 exp=
 nj=2
 port=29500
+average_arg=
 while [ $# -gt 0 ]; do
   case "$1" in
     --stage) stage=$2; shift 2 ;;
@@ -30,6 +32,7 @@ while [ $# -gt 0 ]; do
     --exp) exp=$2; shift 2 ;;
     --nj) nj=$2; shift 2 ;;
     --port) port=$2; shift 2 ;;
+    --average) average_arg=$2; shift 2 ;;
     *) echo "run.sh: unknown option $1 (see the header of $0)" >&2; exit 2 ;;
   esac
 done
@@ -48,6 +51,7 @@ if $small; then
 else
   corpus_args=(); per_shard=200; train_args=(); average=3
 fi
+average=${average_arg:-$average}
 
 # A stage runs unless its marker says it finished; `done_mark` writes the marker.
 run_stage() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ] && [ ! -f "$2/.done/$3" ]; }
