@@ -33,11 +33,24 @@ def test_auto_vocab_size_is_the_symbol_table_size(tmp_path):
         build_model(unresolved)
 
 
+def test_auto_vocab_size_reads_the_table_as_the_tokenizer_does(tmp_path):
+    """A malformed table fails when the config loads, naming the file and line, not when training starts."""
+    units = tmp_path / "units.txt"
+    units.write_text("<blank> 0\n<unk> 1\nyes\n<sos/eos> 3\n")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model:\n  vocab_size: auto\ndata:\n  tokenizer: {{symbol_table: {units}}}\n")
+    with pytest.raises(ConfigError, match=f"model.vocab_size: auto reads the symbol table: {units}:3: expected"):
+        load_config(path)
+    units.write_text("<blank> 0\n<unk> 1\nyes 2\n")  # no <sos/eos> at the last id
+    with pytest.raises(ConfigError, match="needs"):
+        load_config(path)
+
+
 @pytest.mark.parametrize("body,needle", [
     ("model:\n  vocab_size: 10\n  encoder:\n    num_blok: 2\n", "model.encoder: unknown key(s) ['num_blok']"),
     ("model:\n  vocab_size: ten\n", "model.vocab_size: 'ten' is not int or 'auto'"),
     ("model:\n  vocab_size: auto\ndata:\n  tokenizer: {symbol_table: /nonexistent/units.txt}\n",
-     "model.vocab_size: auto reads the symbol table /nonexistent/units.txt: No such file or directory"),
+     "model.vocab_size: auto reads the symbol table: /nonexistent/units.txt: symbol table not found"),
     ("model:\n  vocab_size: 10\n  moe:\n    top_k: 9\n", "model.moe.top_k: must be in [1, num_experts=8]"),
     ("model:\n  vocab_size: 10\n  encoder:\n    input_layer: conv3\n", "model.encoder.input_layer: 'conv3' is not one of"),
     ("model:\n  vocab_size: 10\n  moe:\n    ep_size: 3\n", "model.moe.ep_size: must divide num_experts=8"),

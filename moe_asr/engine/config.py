@@ -17,16 +17,17 @@ steps, inverse-square-root decay, clip 5).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 from moe_asr.data.config import DataConfig
-from moe_asr.model.config import ModelConfig
+from moe_asr.data.tokenizer import read_symbol_table
+from moe_asr.model.config import AUTO, ModelConfig
 from moe_asr.schema import ConfigError, check, dump_yaml, load_yaml
 
-__all__ = ["ExperimentConfig", "TrainConfig", "ConfigError", "load_config", "precision", "save_config",
-           "zero_stage"]
+__all__ = ["ExperimentConfig", "TrainConfig", "ConfigError", "load_config", "precision", "resolve_vocabulary",
+           "save_config", "zero_stage"]
 
 
 @dataclass
@@ -92,10 +93,22 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         # `model.vocab_size: auto` is the symbol table's size: one number fewer to keep in step by hand.
-        try:
-            self.model = self.model.resolved(self.data.tokenizer.symbol_table)
-        except ConfigError as e:
-            raise ConfigError(f"model.{e}") from None
+        self.model = resolve_vocabulary(self.model, self.data.tokenizer.symbol_table)
+
+
+def resolve_vocabulary(model: ModelConfig, symbol_table: Optional[str]) -> ModelConfig:
+    """``model`` with ``vocab_size: auto`` replaced by the size of ``symbol_table``.
+
+    The table is read and checked as the tokenizer will read it, so a malformed
+    one fails when the config loads, naming the file and line.
+    """
+    if model.vocab_size != AUTO or symbol_table is None:
+        return model
+    try:
+        table = read_symbol_table(symbol_table, model.sos_eos_id)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.vocab_size: auto reads the symbol table: {e}") from None
+    return replace(model, vocab_size=len(table))
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

@@ -6,8 +6,7 @@ smoothing 0.1) and the U2++ MoE paper's MoE layer (8 experts, top-2, no aux loss
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from moe_asr.moe.config import MoEConfig
@@ -123,17 +122,6 @@ class ModelConfig:
             sos_eos_id(self.vocab_size, self.sos_eos_id)
         except ValueError as e:
             check(False, "sos_eos_id", str(e))
-
-    def resolved(self, symbol_table: Optional[str]) -> "ModelConfig":
-        """This config with ``vocab_size: auto`` replaced by the size of ``symbol_table``."""
-        if self.vocab_size != AUTO or symbol_table is None:
-            return self
-        path = Path(symbol_table)
-        try:
-            size = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-        except OSError as e:
-            check(False, "vocab_size", f"auto reads the symbol table {path}: {e.strerror}")
-        return replace(self, vocab_size=size)
 
     def require_vocabulary(self) -> int:
         """The vocabulary size; a model cannot be built while it is still ``auto``."""

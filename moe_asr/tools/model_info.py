@@ -15,7 +15,7 @@ from collections import defaultdict
 
 import torch
 
-from moe_asr.engine.config import ConfigError, load_config
+from moe_asr.engine.config import ConfigError, load_config, resolve_vocabulary
 from moe_asr.model.config import AUTO, ModelConfig
 from moe_asr.model.u2pp import build_model
 
@@ -78,9 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     try:
-        model = cfg.model.resolved(args.symbol_table or cfg.data.tokenizer.symbol_table)
+        model = resolve_vocabulary(cfg.model, args.symbol_table or cfg.data.tokenizer.symbol_table)
     except ConfigError as e:
-        model, problem = cfg.model, f"model.{e}"
+        model, problem = cfg.model, str(e)
     else:
         problem = None if model.vocab_size != AUTO else "model.vocab_size is auto: pass --symbol-table UNITS_TXT"
     if problem:

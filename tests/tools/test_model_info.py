@@ -47,6 +47,9 @@ def test_auto_vocabulary_needs_a_symbol_table(tmp_path, capsys):
     assert main(["model-info", str(config)]) == 2
     assert "model.vocab_size is auto: pass --symbol-table" in capsys.readouterr().err
     units = tmp_path / "units.txt"
-    units.write_text("".join(f"t{i} {i}\n" for i in range(20)))
+    units.write_text("".join(f"t{i} {i}\n" for i in range(20)))  # no special symbols: not a symbol table
+    assert main(["model-info", str(config), "--symbol-table", str(units)]) == 2
+    assert f"reads the symbol table: {units}: needs <blank>=0" in capsys.readouterr().err
+    units.write_text("<blank> 0\n<unk> 1\n" + "".join(f"t{i} {i}\n" for i in range(2, 19)) + "<sos/eos> 19\n")
     assert main(["model-info", str(config), "--json", "--symbol-table", str(units)]) == 0
     assert json.loads(capsys.readouterr().out) == _info(capsys, "tiny_moe.yaml")
