@@ -27,6 +27,10 @@ class FeatureConfig:
     dither: float = 1.0
     # Speed factors drawn uniformly per utterance in training; [1.0] disables it.
     speed_perturb: list[float] = field(default_factory=lambda: [1.0])
+    # VTLP: Kaldi VTLN warp factors of the mel bank drawn uniformly per utterance in training;
+    # [1.0] disables it. It moves formants as another vocal tract length would, without changing
+    # tempo, so a few real speakers and male synthetic voices also stand for higher and lower voices.
+    vtlp: list[float] = field(default_factory=lambda: [1.0])
 
     def __post_init__(self) -> None:
         check(self.sample_rate >= 1000, "sample_rate", f"must be >= 1000 Hz, got {self.sample_rate}")
@@ -36,6 +40,8 @@ class FeatureConfig:
         check(self.dither >= 0, "dither", "must be >= 0")
         check(len(self.speed_perturb) >= 1 and all(0.5 <= s <= 2.0 for s in self.speed_perturb),
               "speed_perturb", f"needs one or more factors in [0.5, 2.0], got {self.speed_perturb}")
+        check(len(self.vtlp) >= 1 and all(0.7 <= a <= 1.4 for a in self.vtlp),
+              "vtlp", f"needs one or more warp factors in [0.7, 1.4], got {self.vtlp}")
 
     @property
     def window_size(self) -> int:

@@ -1,4 +1,4 @@
-"""Waveforms -> log-mel fbank for a whole batch at once, plus resampling and spectral augmentation.
+"""Waveforms -> log-mel fbank for a whole batch at once, plus resampling, VTLP and spectral augmentation.
 
 ``torchaudio.compliance.kaldi.fbank`` rebuilds its window and mel matrix and
 computes an unused energy on every call, and a per-utterance call is mostly
@@ -9,6 +9,7 @@ frames of every utterance in the batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
 
 import torch
@@ -71,12 +72,20 @@ class Fbank:
         self.window_size, self.window_shift = cfg.window_size, cfg.window_shift
         self.fft_size = 1 << (self.window_size - 1).bit_length()
         self.window = torch.hann_window(self.window_size, periodic=False).pow(0.85)
-        mel, _ = get_mel_banks(cfg.num_mel_bins, self.fft_size, float(cfg.sample_rate), 20.0, 0.0, 100.0, -500.0, 1.0)
-        # [fft_size // 2 + 1, num_mel_bins]: the Nyquist bin gets zero weight, as in Kaldi.
-        self.mel = torch.nn.functional.pad(mel, (0, 1)).T.contiguous()
+        self._mels: dict[float, torch.Tensor] = {}
+        self.mel = self.mel_bank(1.0)
 
-    def __call__(self, waves: list[torch.Tensor], dither: float = 0.0,
-                 generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    def mel_bank(self, warp: float) -> torch.Tensor:
+        """[fft_size // 2 + 1, num_mel_bins] for a VTLN warp factor (Kaldi's cutoffs); the Nyquist bin weighs 0."""
+        if warp not in self._mels:
+            mel, _ = get_mel_banks(self.cfg.num_mel_bins, self.fft_size, float(self.cfg.sample_rate),
+                                   20.0, 0.0, 100.0, -500.0, warp)
+            self._mels[warp] = torch.nn.functional.pad(mel, (0, 1)).T.contiguous()
+        return self._mels[warp]
+
+    def __call__(self, waves: list[torch.Tensor], dither: float = 0.0, generator: torch.Generator | None = None,
+                 warps: Sequence[float] | None = None) -> list[torch.Tensor]:
+        """Features of each wave; ``warps`` (one VTLN factor per wave) warps its mel bank (VTLP)."""
         counts = [num_frames(w.numel(), self.cfg) for w in waves]
         frames = []
         for w, n in zip(waves, counts):
@@ -100,8 +109,11 @@ class Fbank:
         buf[:, :self.window_size] *= self.window
         spec = torch.fft.rfft(buf)
         power = torch.addcmul(spec.real.square(), spec.imag, spec.imag)  # |X|^2 without the sqrt of abs()
-        feats = torch.mm(power, self.mel).clamp_min_(_EPS).log_()
-        return list(feats.split(counts))
+        if warps is None or all(a == 1.0 for a in warps):
+            feats = torch.mm(power, self.mel)
+        else:
+            feats = torch.cat([torch.mm(p, self.mel_bank(a)) for p, a in zip(power.split(counts), warps)])
+        return list(feats.clamp_min_(_EPS).log_().split(counts))
 
 
 def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, cfg: SpecAugConfig,

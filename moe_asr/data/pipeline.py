@@ -53,6 +53,7 @@ class PlannedUtt:
     source_samples: int
     tokens: list[int]
     speed: float
+    warp: float  # VTLP factor of the mel bank
     num_frames: int
 
 
@@ -103,8 +104,9 @@ class Pipeline:
         if self.tokenizer.no_known_token(tokens):
             stats.bad("no known token", raw.key, repr(raw.text[:50]))
             return None
-        speeds = self.cfg.features.speed_perturb
+        speeds, warps = self.cfg.features.speed_perturb, self.cfg.features.vtlp
         speed = rng.choice(speeds) if self.train and len(speeds) > 1 else 1.0
+        warp = rng.choice(warps) if self.train and len(warps) > 1 else 1.0
         samples = resampled_length(info.num_frames, info.sample_rate, self.cfg.features.sample_rate, speed)
         frames = num_frames(samples, self.cfg.features)
         f = self.cfg.filters
@@ -115,7 +117,7 @@ class Pipeline:
         elif not f.min_output_input_ratio <= len(tokens) / frames <= f.max_output_input_ratio:
             stats.filtered("tokens/frames ratio out of range")
         else:
-            return PlannedUtt(raw.key, raw.audio, info.sample_rate, info.num_frames, tokens, speed, frames)
+            return PlannedUtt(raw.key, raw.audio, info.sample_rate, info.num_frames, tokens, speed, warp, frames)
         return None
 
     def plan(self, shards: Sequence[str], rng: random.Random, stats: DataStats,
@@ -131,7 +133,7 @@ class Pipeline:
     # ------------------------------------------------------------------ materialising
     def materialize(self, utts: Sequence[PlannedUtt], generator: torch.Generator,
                     stats: DataStats) -> Optional[Batch]:
-        """Decode, resample (+speed), fbank, augment and pad one planned batch; bad utterances are dropped."""
+        """Decode, resample (+speed), fbank (+VTLP), augment and pad one planned batch; bad ones are dropped."""
         feat_cfg = self.cfg.features
         waves, kept = [], []
         for u in utts:
@@ -147,7 +149,7 @@ class Pipeline:
             expected = resampled_length(u.source_samples, sr, feat_cfg.sample_rate, u.speed)
             waves.append(resample(torch.from_numpy(wave), sr, feat_cfg.sample_rate, u.speed)[:expected])
             kept.append(u)
-        feats = self.fbank(waves, feat_cfg.dither if self.train else 0.0, generator)
+        feats = self.fbank(waves, feat_cfg.dither if self.train else 0.0, generator, [u.warp for u in kept])
         good = []
         for u, f in zip(kept, feats):
             if f.shape[0] == 0:

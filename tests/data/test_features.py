@@ -34,6 +34,18 @@ def test_fbank_equals_torchaudio_kaldi_fbank(rate, mels, shift):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-4)
 
 
+def test_vtlp_equals_kaldi_vtln_warp_per_utterance():
+    """Each wave gets its own warp in one batched call, as Kaldi's fbank with that ``vtln_warp`` computes."""
+    cfg = FeatureConfig(sample_rate=8000, num_mel_bins=40)
+    waves, warps = _real_waves(4, 8000), [0.85, 1.0, 1.15, 1.2]
+    ours = Fbank(cfg)(waves, warps=warps)
+    for w, a, got in zip(waves, warps, ours):
+        ref = kaldi_fbank(w[None] * 32768, num_mel_bins=40, dither=0.0, energy_floor=0.0, sample_frequency=8000,
+                          vtln_warp=a)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-4)
+    assert not torch.allclose(ours[0], Fbank(cfg)(waves[:1])[0], atol=0.1)  # the warp does change the bank
+
+
 def test_dither_is_random_but_seeded():
     fb = Fbank(FeatureConfig())
     w = _real_waves(1, 16000)

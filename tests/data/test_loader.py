@@ -28,7 +28,7 @@ from moe_asr.schema import ConfigError, from_dict
 
 from .conftest import build_corpus, fsdd_files, transcript
 
-TRAIN = {"features": {"speed_perturb": [0.9, 1.0, 1.1]}, "specsub": {"enabled": True},
+TRAIN = {"features": {"speed_perturb": [0.9, 1.0, 1.1], "vtlp": [0.9, 1.0, 1.1]}, "specsub": {"enabled": True},
          "batching": {"shuffle_size": 8, "sort_size": 4, "max_frames_in_batch": 400}, "filters": {"max_frames": 400}}
 
 
@@ -103,7 +103,7 @@ def test_resume_refuses_a_different_setup(corpus):
 def test_dynamic_batches_never_exceed_the_budget():
     rng = random.Random(0)
     for budget in (50, 333, 1000):
-        items = [PlannedUtt("k", b"", 8000, 0, [], 1.0, rng.randint(1, budget)) for _ in range(500)]
+        items = [PlannedUtt("k", b"", 8000, 0, [], 1.0, 1.0, rng.randint(1, budget)) for _ in range(500)]
         batches = list(dynamic_batches(items, budget))
         assert [x for b in batches for x in b] == items
         assert all(len(b) * max(x.num_frames for x in b) <= budget for b in batches)
