@@ -3,8 +3,8 @@
 Defaults follow WeNet's U2++ recipes (80-dim fbank 25/10 ms, dither 1.0 in
 training, SpecAugment 2x50 time / 2x10 freq masks, dynamic batching by frames)
 so a config that only names the shard lists and the symbol table trains like
-WeNet would. Training-only randomness (dither, speed perturbation, SpecAugment,
-SpecSub, shuffling) is switched off automatically for evaluation data.
+WeNet would. Training-only randomness (dither, speed perturbation, VTLP, channel EQ,
+SpecAugment, SpecSub, shuffling) is switched off automatically for evaluation data.
 """
 from __future__ import annotations
 
@@ -80,6 +80,24 @@ class SpecSubConfig:
 
 
 @dataclass
+class ChannelEqConfig:
+    """A random smooth gain curve over the mel bins per training utterance: another microphone or line.
+
+    A linear channel multiplies the power spectrum, so in log-mel it adds one curve to every frame;
+    the curve is ``sum_k a_k cos(pi k (m + 1/2) / F)``, k = 1..num_terms, ``a_k`` uniform in
+    ``+-max_db / k`` (dB of power): tilts and broad bumps, as microphones and lines differ.
+    """
+
+    enabled: bool = False
+    max_db: float = 10.0
+    num_terms: int = 3
+
+    def __post_init__(self) -> None:
+        check(self.max_db >= 0, "max_db", "must be >= 0")
+        check(self.num_terms >= 1, "num_terms", "must be >= 1")
+
+
+@dataclass
 class FilterConfig:
     """Utterances outside these limits are dropped (and counted) before batching."""
 
@@ -147,6 +165,7 @@ class DataConfig:
     prefetch_factor: int = 4
     pin_memory: bool = False
     features: FeatureConfig = field(default_factory=FeatureConfig)
+    channel_eq: ChannelEqConfig = field(default_factory=ChannelEqConfig)
     specaug: SpecAugConfig = field(default_factory=SpecAugConfig)
     specsub: SpecSubConfig = field(default_factory=SpecSubConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)

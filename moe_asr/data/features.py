@@ -1,4 +1,4 @@
-"""Waveforms -> log-mel fbank for a whole batch at once, plus resampling, VTLP and spectral augmentation.
+"""Waveforms -> log-mel fbank for a whole batch at once, plus resampling, VTLP, channel EQ and spectral augmentation.
 
 ``torchaudio.compliance.kaldi.fbank`` rebuilds its window and mel matrix and
 computes an unused energy on every call, and a per-utterance call is mostly
@@ -16,7 +16,7 @@ import torch
 import torchaudio
 from torchaudio.compliance.kaldi import get_mel_banks
 
-from moe_asr.data.config import FeatureConfig, SpecAugConfig, SpecSubConfig
+from moe_asr.data.config import ChannelEqConfig, FeatureConfig, SpecAugConfig, SpecSubConfig
 
 # Kaldi works on 16-bit integer sample values: dither 1.0 means one LSB.
 WAVE_SCALE = float(1 << 15)
@@ -114,6 +114,21 @@ class Fbank:
         else:
             feats = torch.cat([torch.mm(p, self.mel_bank(a)) for p, a in zip(power.split(counts), warps)])
         return list(feats.clamp_min_(_EPS).log_().split(counts))
+
+
+def channel_eq(feats: torch.Tensor, lengths: torch.Tensor, cfg: ChannelEqConfig,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Add one random smooth curve over the bins to every real frame of each utterance of ``[B, T, F]``.
+
+    Log-mel is the natural log of power, so ``x`` dB is ``x * ln(10) / 10`` here; padding stays as it is.
+    """
+    b, t, f = feats.shape
+    k = torch.arange(1, cfg.num_terms + 1, dtype=feats.dtype)
+    amp = (torch.rand(b, cfg.num_terms, generator=generator, dtype=feats.dtype) * 2 - 1) * (cfg.max_db / k)
+    basis = torch.cos(math.pi * k[:, None] * (torch.arange(f, dtype=feats.dtype)[None, :] + 0.5) / f)
+    curve = (amp @ basis) * (math.log(10) / 10)
+    valid = torch.arange(t)[None, :] < lengths[:, None]
+    return feats + curve[:, None, :] * valid[:, :, None]
 
 
 def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, cfg: SpecAugConfig,

@@ -22,7 +22,8 @@ from moe_asr.data.audio import AudioError, decode_audio, probe_audio
 from moe_asr.data.batch import Batch
 from moe_asr.data.batching import make_batches, pad, shuffle_buffer, sort_buffer
 from moe_asr.data.config import DataConfig
-from moe_asr.data.features import Fbank, num_frames, resample, resampled_length, spec_augment, spec_sub
+from moe_asr.data.features import (Fbank, channel_eq, num_frames, resample, resampled_length, spec_augment,
+                                    spec_sub)
 from moe_asr.data.shards import RawSample, read_shard
 from moe_asr.data.stats import DataStats
 from moe_asr.data.tokenizer import Tokenizer
@@ -162,6 +163,8 @@ class Pipeline:
             return None
         lengths = torch.tensor([f.shape[0] for _, f in good], dtype=torch.int64)
         x = pad([f for _, f in good], 0.0)
+        if self.train and self.cfg.channel_eq.enabled:
+            x = channel_eq(x, lengths, self.cfg.channel_eq, generator)
         if self.train and self.cfg.specaug.enabled:
             x = spec_augment(x, lengths, self.cfg.specaug, generator)
         if self.train and self.cfg.specsub.enabled:

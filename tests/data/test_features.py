@@ -1,14 +1,17 @@
 """Fbank equals torchaudio's Kaldi fbank; length predictions are exact; augmentations stay in bounds."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import soundfile as sf
 import torch
 import torchaudio
 from torchaudio.compliance.kaldi import fbank as kaldi_fbank
 
-from moe_asr.data.config import FeatureConfig, SpecAugConfig, SpecSubConfig
-from moe_asr.data.features import Fbank, num_frames, resample, resampled_length, spec_augment, spec_sub
+from moe_asr.data.config import ChannelEqConfig, FeatureConfig, SpecAugConfig, SpecSubConfig
+from moe_asr.data.features import (Fbank, channel_eq, num_frames, resample, resampled_length, spec_augment,
+                                    spec_sub)
 
 from .conftest import fsdd_files
 
@@ -44,6 +47,24 @@ def test_vtlp_equals_kaldi_vtln_warp_per_utterance():
                           vtln_warp=a)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-4)
     assert not torch.allclose(ours[0], Fbank(cfg)(waves[:1])[0], atol=0.1)  # the warp does change the bank
+
+
+def test_channel_eq_is_one_smooth_bounded_curve_per_utterance():
+    feats, lengths = torch.randn(3, 20, 40), torch.tensor([20, 12, 5])
+    cfg = ChannelEqConfig(max_db=10.0, num_terms=3)
+    out = channel_eq(feats, lengths, cfg, torch.Generator().manual_seed(0))
+    diff = out - feats
+    bound = sum(10.0 / k for k in (1, 2, 3)) * math.log(10) / 10
+    for b, n in enumerate(lengths.tolist()):
+        curve = diff[b, 0]
+        torch.testing.assert_close(diff[b, :n], curve.expand(n, 40))  # the same gain on every real frame
+        if n < 20:
+            assert diff[b, n:].abs().max() == 0                        # padding untouched
+        assert 0 < curve.abs().max() <= bound
+        assert (curve[1:] - curve[:-1]).abs().max() < 0.2 * bound     # smooth over the bins
+    assert not torch.allclose(diff[0, 0], diff[1, 0])
+    again = channel_eq(feats, lengths, cfg, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
 
 
 def test_dither_is_random_but_seeded():
