@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +64,8 @@ class Job:
     speed: float          # 1.0 = the engine's default rate
     pitch: int = 50       # espeak-ng's 0..99
     gap: int = 0          # espeak-ng's extra pause between words, 10 ms units
+    f0: int = 0           # flite/festival mean pitch in Hz; 0 = the voice's own
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def digit_string(rng: np.random.Generator, max_digits: int = 7) -> str:
@@ -94,6 +94,10 @@ def plan_synthetic(split: str, count: int, rng: np.random.Generator) -> list[Job
         if engine == "espeak":
             job.voice = f"{voice}+{rng.choice(variants)}"
             job.pitch, job.gap = int(rng.integers(25, 75)), int(rng.integers(0, 8))
+        elif not test:
+            # The flite and festival training voices are all male (about 100-115 Hz): their pitch
+            # is spread up to a high female's. Held-out voices keep their own.
+            job.f0 = int(rng.integers(85, 230))
         jobs.append(job)
     return jobs
 
@@ -113,7 +117,8 @@ def synthesize(jobs: list[Job], tmp: Path, nj: int) -> dict[str, Path]:
             _run(["espeak-ng", "-v", job.voice, "-s", str(int(175 * job.speed)), "-p", str(job.pitch),
                   "-g", str(job.gap), "-w", str(out[job.key]), job.text], job.key)
         elif job.engine == "flite":
-            _run(["flite", "-voice", job.voice, "--setf", f"duration_stretch={1 / job.speed:.3f}",
+            pitch = ["--setf", f"int_f0_target_mean={job.f0}"] if job.f0 else []
+            _run(["flite", "-voice", job.voice, "--setf", f"duration_stretch={1 / job.speed:.3f}", *pitch,
                   "-t", job.text, "-o", str(out[job.key])], job.key)
 
     with ThreadPoolExecutor(nj) as pool:
@@ -123,6 +128,9 @@ def synthesize(jobs: list[Job], tmp: Path, nj: int) -> dict[str, Path]:
     for voice in sorted({j.voice for j in jobs if j.engine == "festival"}):
         script = [f"(voice_{voice})"]
         for j in (j for j in jobs if j.engine == "festival" and j.voice == voice):
+            if j.f0:  # the diphone voices' linear-regression intonation, retargeted to this mean pitch
+                script.append(f"(set! int_lr_params '((target_f0_mean {j.f0}) (target_f0_std {j.f0 // 7}) "
+                              "(model_f0_mean 170) (model_f0_std 34)))")
             script += [f"(Parameter.set 'Duration_Stretch {1 / j.speed:.3f})",
                        f'(utt.save.wave (utt.synth (Utterance Text "{j.text}")) "{out[j.key]}" \'riff)']
         done = subprocess.run(["festival", "--pipe"], input="\n".join(script) + "\n", capture_output=True, text=True)
@@ -173,7 +181,7 @@ def main() -> int:
     p.add_argument("--fsdd", required=True, help="FSDD recordings folder (../shared/data/fsdd/recordings)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=777)
-    p.add_argument("--synth-train", type=int, default=2400, help="synthetic training utterances")
+    p.add_argument("--synth-train", type=int, default=4000, help="synthetic training utterances")
     p.add_argument("--synth-cv", type=int, default=160, help="synthetic CV utterances (training voices)")
     p.add_argument("--synth-test", type=int, default=240, help="synthetic test utterances (held-out voices)")
     p.add_argument("--fsdd-strings", type=int, default=400, help="strings concatenated from training speakers' digits")
@@ -186,7 +194,7 @@ def main() -> int:
     out = Path(args.out)
     for tool in ("espeak-ng", "flite", "festival"):
         if shutil.which(tool) is None:
-            sys.exit(f"make_corpus: {tool} is not installed (run `make system-deps` as root)")
+            sys.exit(f"make_corpus: {tool} is not installed (run examples/digits/local/install_tts.sh as root)")
     rng = np.random.default_rng(args.seed)
     wav_dir = out / "wav"
     wav_dir.mkdir(parents=True, exist_ok=True)
@@ -203,7 +211,7 @@ def main() -> int:
                 sf.write(str(path), augment(load_8k(raw[j.key]), np.random.default_rng(j.seed)), RATE,
                          subtype="PCM_16")
                 rows[split].append((j.key, str(path.resolve()), j.text))
-                meta.append(f"{j.key}\t{j.engine}\t{j.voice}\t{j.speed:.3f}\t{j.pitch}\t{j.gap}")
+                meta.append(f"{j.key}\t{j.engine}\t{j.voice}\t{j.speed:.3f}\t{j.pitch}\t{j.gap}\t{j.f0}")
 
     speakers = fsdd_files(Path(args.fsdd))
     cv_from = args.fsdd_per_digit - max(1, args.fsdd_per_digit // 10)
@@ -233,7 +241,7 @@ def main() -> int:
         audio = np.concatenate(parts)
         sf.write(str(path), (audio / (np.max(np.abs(audio)) + 1e-9) * 0.7).astype(np.float32), RATE, subtype="PCM_16")
         rows["train"].append((key, str(path.resolve()), " ".join(DIGITS[int(w.stem.split('_')[0])] for w in picks)))
-        meta.append(f"{key}\tfsdd\t{speaker}\t1.000\t-\t-")
+        meta.append(f"{key}\tfsdd\t{speaker}\t1.000\t-\t-\t-")
 
     summary = {"seed": args.seed, "sample_rate": RATE, "utterances": {k: len(v) for k, v in rows.items()},
                "voices": {"espeak-ng train": list(ESPEAK_TRAIN), "espeak-ng test": list(ESPEAK_TEST),
@@ -242,7 +250,7 @@ def main() -> int:
                           "festival test": list(FESTIVAL_TEST), "fsdd test": list(HELD_OUT_SPEAKERS)}}
     for split, r in rows.items():
         (out / f"{split}.tsv").write_text("".join(f"{k}\t{p}\t{t}\n" for k, p, t in r))
-    (out / "meta.tsv").write_text("key\tengine\tvoice\tspeed\tpitch\tgap\n" + "\n".join(meta) + "\n")
+    (out / "meta.tsv").write_text("key\tengine\tvoice\tspeed\tpitch\tgap\tf0\n" + "\n".join(meta) + "\n")
     (out / "corpus.json").write_text(json.dumps(summary, indent=1) + "\n")
     print("make_corpus: " + ", ".join(f"{k} {v}" for k, v in summary["utterances"].items()) + f" utterances in {out}")
     return 0
