@@ -13,7 +13,8 @@ a floor set by the dense model itself. If a dense encoder spends a share ``s``
 of its time in FFNs and the MoE's FFNs do ``r`` times the FLOPs per token
 (top_k x expert units / dense units), then even an MoE whose FFN FLOPs cost
 exactly what the dense ones cost runs at ``1 + s (r - 1)`` times the dense
-RTF. That bound is printed under each pair.
+RTF. That bound is printed under each pair, with the FLOPs each model's call
+did (``torch.utils.flop_counter``; padded expert rows count, as they are computed).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from moe_asr.engine.config import load_config
 from moe_asr.model.u2pp import U2PPModel, build_model
@@ -83,6 +85,13 @@ def run_once(model: U2PPModel, context: str, feats: torch.Tensor, lengths: torch
         model.encoder.forward_chunk_by_chunk(feats, lengths, int(chunk), int(left) if left else -1)
 
 
+def counted_flops(model: U2PPModel, context: str, feats: torch.Tensor, lengths: torch.Tensor) -> int:
+    """FLOPs of one call, as computed (a padded expert row costs what a real one does)."""
+    with FlopCounterMode(display=False) as counter:
+        run_once(model, context, feats, lengths)
+    return counter.get_total_flops()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("configs", nargs="+", help="model configs; the first is the reference of the bound")
@@ -121,11 +130,16 @@ def main() -> None:
                 cells = " ".join(f"{shares[name][k]:>10.0%} " for k in KINDS)
                 print(f"{name:22s} {context:8s} {n:>3d} {rtf:>8.4f} {cells}{1 - sum(shares[name].values()):>7.0%}")
             ref_name, (ref_model, _) = next(iter(models.items()))
+            with torch.inference_mode():
+                ref_flops = counted_flops(ref_model, context, feats, lengths)
             for name, (model, _) in list(models.items())[1:]:
                 ratio = ffn_flops_per_token(model) / ffn_flops_per_token(ref_model)
                 s = shares[ref_name]["ffn"]
+                with torch.inference_mode():
+                    flops = counted_flops(model, context, feats, lengths)
                 print(f"  {name}/{ref_name} at the dense FFN's cost per FLOP: >= 1 + {s:.2f} x ({ratio:g} - 1) "
-                      f"= {1 + s * (ratio - 1):.2f}x")
+                      f"= {1 + s * (ratio - 1):.2f}x; FLOPs {flops / 1e9:.1f} G vs {ref_flops / 1e9:.1f} G "
+                      f"({flops / ref_flops:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from bench.encoder_breakdown import KINDS, build, ffn_flops_per_token, run_once
+from bench.encoder_breakdown import KINDS, build, counted_flops, ffn_flops_per_token, run_once
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -17,6 +17,24 @@ def test_ffn_flops_per_token_counts_the_active_experts():
         build(str(CONF / "small_dense.yaml"))[0])
     assert ffn_flops_per_token(build(str(CONF / "tiny_moe.yaml"))[0]) == ffn_flops_per_token(
         build(str(CONF / "tiny_dense.yaml"))[0])
+
+
+def test_counted_flops_are_the_routed_work_plus_any_padding():
+    """WeNet's loop computes only routed rows: the MoE then does exactly its extra FFN work (and the
+    router) more than the dense twin; the grouped path may pad expert rows, and padded rows count."""
+    moe, dense = build(str(CONF / "small_moe.yaml"))[0], build(str(CONF / "small_dense.yaml"))[0]
+    feats, lengths = torch.randn(1, 200, moe.cfg.input_dim), torch.tensor([200])
+    with torch.inference_mode():
+        grouped = counted_flops(moe, "full", feats, lengths)
+        for layer in moe.moe_layers():
+            layer.impl = "loop"
+        loop = counted_flops(moe, "full", feats, lengths)
+        extra = loop - counted_flops(dense, "full", feats, lengths)
+        tokens = moe.encoder(feats, lengths, -1)[0].shape[1]
+    ffns = 2 * len(moe.encoder.encoders)  # macaron + final FFN per block
+    router = 2 * moe.encoder.encoders[0].feed_forward.router.gate.weight.numel()  # 2 FLOPs per multiply-add
+    assert extra == ffns * tokens * (2 * (ffn_flops_per_token(moe) - ffn_flops_per_token(dense)) + router)
+    assert grouped >= loop
 
 
 def test_timed_modules_compute_what_they_did_and_their_shares_fit_in_the_total():
