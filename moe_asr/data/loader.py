@@ -42,6 +42,7 @@ from moe_asr.data.pipeline import Pipeline, ShardDataset, WorkerItem
 from moe_asr.data.shards import check_shards_exist, read_shard_list
 from moe_asr.data.stats import UNEVEN_RANKS
 from moe_asr.data.tokenizer import Tokenizer
+from moe_asr.lifetime import EndWithParent
 from moe_asr.schema import ConfigError
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,7 @@ class AsrDataLoader:
                                skipped=[w["skipped"] for w in workers], log_details=log_details)
         k = self.cfg.num_workers
         loader = DataLoader(dataset, batch_size=None, num_workers=k, collate_fn=_keep,
+                            worker_init_fn=EndWithParent() if k else None,
                             prefetch_factor=self.cfg.prefetch_factor if k else None,
                             pin_memory=self.cfg.pin_memory and torch.cuda.is_available())
         stream = iter(loader)

@@ -12,12 +12,9 @@ writing checkpoints, with nobody to stop them.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import signal
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -27,12 +24,13 @@ from typing import Mapping, NoReturn, Optional
 import torch
 import torch.distributed as dist
 
+from moe_asr.lifetime import die_with_parent
+
 log = logging.getLogger("moe_asr.train")
 # Recorded when the module loads, before the rendezvous: the launcher's pid, to find
 # out whether it died before the kernel watched it for us. (A launcher that dies while
 # the rank is still importing torch goes unnoticed: a launcher may itself be pid 1.)
 _PARENT_AT_START = os.getppid()
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 WATCH_INTERVAL_S = 2.0
 
 
@@ -71,19 +69,6 @@ def _is_deepspeed_node_launcher(pid: int) -> bool:
         return False
 
 
-def _die_with_parent() -> None:
-    """Have the kernel send SIGTERM when our parent exits (Linux ``prctl``; elsewhere the watchdog alone).
-
-    The kernel acts when the parent's thread that started us exits; both
-    launchers start their ranks from their main thread.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-
-
 def _launcher_gone(rank: str, pid: int) -> NoReturn:
     """End at once, from any thread: no checkpoint is written, one being written stays partial."""
     log.error("rank %s: the launcher (pid %d) is gone: exiting without a checkpoint", rank, pid)
@@ -112,7 +97,7 @@ def end_with_launcher() -> None:
     watchdog thread polls both parents, and covers systems without ``prctl``.
     """
     rank, launcher = os.environ.get("RANK", "?"), _PARENT_AT_START
-    _die_with_parent()
+    die_with_parent()
     if os.getppid() != launcher:  # it died before the kernel was asked to watch it
         _launcher_gone(rank, launcher)
     watched = [(os.getpid(), launcher)]

@@ -1,0 +1,99 @@
+"""A DataLoader worker ends with the rank that forked it, even when the rank dies at the fork.
+
+Each test runs a stand-in rank as its own process (the test is its parent), has it
+start a worker and die, and checks that the worker, now re-parented, is gone.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+
+
+def _wait_gone(pid: int, seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _run_rank(script: str, tmp_path: Path) -> int:
+    """Run ``script`` as the rank; it writes the worker's pid to ``worker.pid`` and dies."""
+    subprocess.run([sys.executable, "-c", textwrap.dedent(script), str(tmp_path)], check=False, timeout=60)
+    pid_file = tmp_path / "worker.pid"
+    end = time.monotonic() + 10
+    while not pid_file.is_file() or not pid_file.read_text().strip():
+        assert time.monotonic() < end, "the worker never started"
+        time.sleep(0.05)
+    return int(pid_file.read_text())
+
+
+def test_worker_of_a_killed_rank_ends_at_once(tmp_path: Path) -> None:
+    # The worker sleeps inside its dataset, where torch's own watchdog (which runs
+    # between batches) cannot see the rank die: only the parent-death signal ends it.
+    pid = _run_rank("""
+        import os, signal, sys, time
+        from pathlib import Path
+        from torch.utils.data import DataLoader, IterableDataset
+        from moe_asr.lifetime import EndWithParent
+
+        class Slow(IterableDataset):
+            def __iter__(self):
+                (Path(sys.argv[1]) / "worker.pid").write_text(str(os.getpid()))
+                time.sleep(120)
+                yield 0
+
+        it = iter(DataLoader(Slow(), batch_size=None, num_workers=1, worker_init_fn=EndWithParent()))
+        while not (Path(sys.argv[1]) / "worker.pid").is_file():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """, tmp_path)
+    try:
+        assert _wait_gone(pid, 5), "the worker outlived its killed rank"
+    finally:
+        if _alive(pid):
+            os.kill(pid, 9)
+
+
+def test_worker_forked_as_its_rank_died_exits(tmp_path: Path) -> None:
+    # The race the parent-death signal alone misses: the rank is gone before the
+    # worker's init runs. The stand-in worker waits for that, then runs the init.
+    pid = _run_rank("""
+        import os, sys, time
+        from pathlib import Path
+        from moe_asr.lifetime import EndWithParent
+
+        init, out = EndWithParent(), Path(sys.argv[1])
+        if os.fork() == 0:
+            while os.getppid() == init.parent:
+                time.sleep(0.01)
+            (out / "worker.pid").write_text(str(os.getpid()))
+            init(0)
+            (out / "survived").write_text("init returned")
+            time.sleep(120)
+            os._exit(0)
+        os._exit(0)
+    """, tmp_path)
+    try:
+        assert _wait_gone(pid, 5), "the worker outlived its rank"
+        assert not (tmp_path / "survived").exists()
+    finally:
+        if _alive(pid):
+            os.kill(pid, 9)
