@@ -10,6 +10,7 @@ that a second run skips every finished stage.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -79,7 +80,9 @@ def test_every_stage_leaves_its_outputs(recipe):
             for m in METHODS:
                 assert len((exp / "decode" / test / chunk / f"{m}{suffix}" / "text").read_text().splitlines()) \
                     == len(refs)
-    assert "results: " in out and "expert load: " in out
+    assert set(results["by_voice"]["test_fsdd"]["wer"]) == {"george", "yweweler"}
+    assert {"flite slt", "flite rms"} <= set(results["by_voice"]["test_synth"]["wer"])
+    assert "results: " in out and "expert load: " in out and "by voice (attention_rescoring" in out
 
 
 def test_a_second_run_skips_finished_stages(recipe):
@@ -106,3 +109,28 @@ def _corpus_digest(out: Path) -> str:
 
 def test_corpus_is_deterministic_for_a_seed(tmp_path):
     assert _corpus_digest(tmp_path / "a") == _corpus_digest(tmp_path / "b")
+
+
+def _report_module():
+    spec = importlib.util.spec_from_file_location("digits_report", RECIPE / "local" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_breaks_scores_down_by_voice(tmp_path):
+    report = _report_module()
+    refs = {"6_george_1": "six", "6_george_2": "six", "2_yweweler_0": "two",
+            "test_flite_slt_00001": "one two three", "test_festival_cmu_us_slt_arctic_hts_00002": "four five",
+            "test_espeak_en029_00003": "six seven"}
+    hyps = {"6_george_1": "eight", "6_george_2": "six", "2_yweweler_0": "two",
+            "test_flite_slt_00001": "one two", "test_festival_cmu_us_slt_arctic_hts_00002": "four nine",
+            "test_espeak_en029_00003": "eight seven oh"}
+    for name, table in (("ref", refs), ("hyp", hyps)):
+        (tmp_path / name).write_text("".join(f"{k} {v}\n" for k, v in table.items()))
+    subprocess.run([sys.executable, "-m", "moe_asr.cli", "score", "--ref", str(tmp_path / "ref"), "--hyp",
+                    str(tmp_path / "hyp"), "-o", str(tmp_path)], check=True, capture_output=True, timeout=120)
+    wer, subs = report.breakdown(tmp_path / "wer_per_utt.txt")
+    assert wer == {"george": 50.0, "yweweler": 0.0, "flite slt": 100 / 3, "festival cmu_us_slt_arctic_hts": 50.0,
+                   "espeak en029": 100.0}
+    assert sorted(subs) == [("five", "nine", 1), ("six", "eight", 2)]
