@@ -14,41 +14,35 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import Proc, alive, process
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
-
-
-def _wait_gone(pid: int, seconds: float) -> bool:
+def _wait_gone(proc: Proc, seconds: float) -> bool:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        if not _alive(pid):
+        if not alive(proc):
             return True
         time.sleep(0.05)
     return False
 
 
-def _run_rank(script: str, tmp_path: Path) -> int:
-    """Run ``script`` as the rank; it writes the worker's pid to ``worker.pid`` and dies."""
+def _run_rank(script: str, tmp_path: Path) -> Proc | None:
+    """Run ``script`` as the rank; it writes the worker's pid to ``worker.pid`` and dies. None: the worker is gone."""
     subprocess.run([sys.executable, "-c", textwrap.dedent(script), str(tmp_path)], check=False, timeout=60)
     pid_file = tmp_path / "worker.pid"
     end = time.monotonic() + 10
     while not pid_file.is_file() or not pid_file.read_text().strip():
         assert time.monotonic() < end, "the worker never started"
         time.sleep(0.05)
-    return int(pid_file.read_text())
+    return process(int(pid_file.read_text()))
 
 
 def test_worker_of_a_killed_rank_ends_at_once(tmp_path: Path) -> None:
     # The worker sleeps inside its dataset, where torch's own watchdog (which runs
     # between batches) cannot see the rank die: only the parent-death signal ends it.
-    pid = _run_rank("""
+    worker = _run_rank("""
         import os, signal, sys, time
         from pathlib import Path
         from torch.utils.data import DataLoader, IterableDataset
@@ -66,16 +60,16 @@ def test_worker_of_a_killed_rank_ends_at_once(tmp_path: Path) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     """, tmp_path)
     try:
-        assert _wait_gone(pid, 5), "the worker outlived its killed rank"
+        assert worker is None or _wait_gone(worker, 5), "the worker outlived its killed rank"
     finally:
-        if _alive(pid):
-            os.kill(pid, 9)
+        if worker is not None and alive(worker):
+            os.kill(worker[0], 9)
 
 
 def test_worker_forked_as_its_rank_died_exits(tmp_path: Path) -> None:
     # The race the parent-death signal alone misses: the rank is gone before the
     # worker's init runs. The stand-in worker waits for that, then runs the init.
-    pid = _run_rank("""
+    worker = _run_rank("""
         import os, sys, time
         from pathlib import Path
         from moe_asr.lifetime import EndWithParent
@@ -92,8 +86,8 @@ def test_worker_forked_as_its_rank_died_exits(tmp_path: Path) -> None:
         os._exit(0)
     """, tmp_path)
     try:
-        assert _wait_gone(pid, 5), "the worker outlived its rank"
+        assert worker is None or _wait_gone(worker, 5), "the worker outlived its rank"
         assert not (tmp_path / "survived").exists()
     finally:
-        if _alive(pid):
-            os.kill(pid, 9)
+        if worker is not None and alive(worker):
+            os.kill(worker[0], 9)

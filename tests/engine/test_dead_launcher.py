@@ -13,26 +13,18 @@ import pytest
 
 from moe_asr.engine.checkpoint import INDEX, LATEST, trainer_state_file
 from tests.engine.conftest import REPO, SMALL_MODEL, data_overrides, train_cmd
+from tests.processes import Proc, alive, process, stat
 
 GONE_WITHIN_S = 30
 START_WITHIN_S = 300
-Proc = tuple[int, str]  # pid and start time: a pid the system reuses is another process
-
-
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat from the state on (the name in parentheses may hold spaces)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
 
 
 def _children() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
-        stat = _stat(int(entry.name)) if entry.name.isdigit() else None
-        if stat is not None:
-            tree.setdefault(int(stat[1]), []).append(int(entry.name))
+        fields = stat(int(entry.name)) if entry.name.isdigit() else None
+        if fields is not None:
+            tree.setdefault(int(fields[1]), []).append(int(entry.name))
     return tree
 
 
@@ -40,16 +32,11 @@ def _descendants(pids: set[int]) -> set[Proc]:
     tree, found, todo = _children(), set(), list(pids)
     while todo:
         for child in tree.get(todo.pop(), []):
-            stat = _stat(child)
-            if stat is not None and (child, stat[19]) not in found:
-                found.add((child, stat[19]))
+            proc = process(child)
+            if proc is not None and proc not in found:
+                found.add(proc)
                 todo.append(child)
     return found
-
-
-def _alive(proc: Proc) -> bool:
-    stat = _stat(proc[0])
-    return stat is not None and stat[19] == proc[1] and stat[0] not in ("Z", "X")
 
 
 def _rank_of(pid: int) -> str | None:
@@ -89,10 +76,10 @@ def test_ranks_end_with_their_launcher(small_corpus, tmp_path, launcher, sig, po
         os.kill(top.pid, getattr(signal, sig))  # the top process only: its children are not signalled
         top.wait(timeout=GONE_WITHIN_S)
         deadline = time.monotonic() + GONE_WITHIN_S
-        while any(_alive(p) for p in procs) and time.monotonic() < deadline:
-            procs |= _descendants({pid for pid, start in procs if _alive((pid, start))})  # e.g. CV workers
+        while any(alive(p) for p in procs) and time.monotonic() < deadline:
+            procs |= _descendants({pid for pid, start in procs if alive((pid, start))})  # e.g. CV workers
             time.sleep(0.5)
-        left = [pid for pid, start in procs if _alive((pid, start))]
+        left = [pid for pid, start in procs if alive((pid, start))]
         assert not left, f"still running {GONE_WITHIN_S} s after the launcher died: {left}\n" \
                          f"{console.read_text()[-4000:]}"
         root = out / "checkpoints"
@@ -102,7 +89,7 @@ def test_ranks_end_with_their_launcher(small_corpus, tmp_path, launcher, sig, po
             assert all((root / tag / trainer_state_file(r)).is_file() for r in (0, 1)), tag
     finally:
         for pid, start in procs:
-            if _alive((pid, start)):
+            if alive((pid, start)):
                 os.kill(pid, signal.SIGKILL)
         if top.poll() is None:
             top.kill()
