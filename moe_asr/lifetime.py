@@ -16,15 +16,15 @@ import sys
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """Have the kernel send ``sig`` when our parent exits (Linux ``prctl``; a no-op elsewhere).
+def die_with_parent() -> None:
+    """Have the kernel send SIGTERM when our parent exits (Linux ``prctl``; a no-op elsewhere).
 
     The kernel acts when the parent's thread that started us exits; the
     launchers and DataLoader start their children from their main thread.
     """
     if sys.platform.startswith("linux"):
         try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         except (OSError, AttributeError):
             pass
 
