@@ -4,7 +4,7 @@ Defaults follow WeNet's U2++ recipes (80-dim fbank 25/10 ms, dither 1.0 in
 training, SpecAugment 2x50 time / 2x10 freq masks, dynamic batching by frames)
 so a config that only names the shard lists and the symbol table trains like
 WeNet would. Training-only randomness (dither, speed perturbation, VTLP, channel EQ,
-SpecAugment, SpecSub, shuffling) is switched off automatically for evaluation data.
+edge crop, SpecAugment, SpecSub, shuffling) is switched off automatically for evaluation data.
 """
 from __future__ import annotations
 
@@ -98,6 +98,26 @@ class ChannelEqConfig:
 
 
 @dataclass
+class EdgeCropConfig:
+    """Cut a random number of frames off both ends of each training utterance.
+
+    Recordings trimmed of their silence are often trimmed into their first and last
+    consonants (a "six" whose /s/ is gone is a short vowel): each end loses
+    ``uniform{0..min(max_frames, max_fraction * T)}`` frames, drawn independently, so the
+    model also learns words from what is left of them. ``max_frames`` keeps a long
+    utterance from losing a whole word.
+    """
+
+    enabled: bool = False
+    max_frames: int = 10
+    max_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        check(self.max_frames >= 0, "max_frames", "must be >= 0")
+        check(0 <= self.max_fraction < 0.5, "max_fraction", f"must be in [0, 0.5), got {self.max_fraction}")
+
+
+@dataclass
 class FilterConfig:
     """Utterances outside these limits are dropped (and counted) before batching."""
 
@@ -165,6 +185,7 @@ class DataConfig:
     prefetch_factor: int = 4
     pin_memory: bool = False
     features: FeatureConfig = field(default_factory=FeatureConfig)
+    edge_crop: EdgeCropConfig = field(default_factory=EdgeCropConfig)
     channel_eq: ChannelEqConfig = field(default_factory=ChannelEqConfig)
     specaug: SpecAugConfig = field(default_factory=SpecAugConfig)
     specsub: SpecSubConfig = field(default_factory=SpecSubConfig)

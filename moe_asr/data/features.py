@@ -16,7 +16,7 @@ import torch
 import torchaudio
 from torchaudio.compliance.kaldi import get_mel_banks
 
-from moe_asr.data.config import ChannelEqConfig, FeatureConfig, SpecAugConfig, SpecSubConfig
+from moe_asr.data.config import ChannelEqConfig, EdgeCropConfig, FeatureConfig, SpecAugConfig, SpecSubConfig
 
 # Kaldi works on 16-bit integer sample values: dither 1.0 means one LSB.
 WAVE_SCALE = float(1 << 15)
@@ -114,6 +114,19 @@ class Fbank:
         else:
             feats = torch.cat([torch.mm(p, self.mel_bank(a)) for p, a in zip(power.split(counts), warps)])
         return list(feats.clamp_min_(_EPS).log_().split(counts))
+
+
+def edge_crop(feats: list[torch.Tensor], cfg: EdgeCropConfig, min_keep: int,
+              generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Each ``[T, F]`` utterance without a random count of its first and last frames (see EdgeCropConfig);
+    none is cut below ``min_keep`` frames (the length filter's minimum, which the model's front end needs)."""
+    out = []
+    for f in feats:
+        n = f.shape[0]
+        most = max(0, min(cfg.max_frames, int(cfg.max_fraction * n), (n - min_keep) // 2))
+        start, end = torch.randint(0, most + 1, (2,), generator=generator).tolist()
+        out.append(f[start:n - end])
+    return out
 
 
 def channel_eq(feats: torch.Tensor, lengths: torch.Tensor, cfg: ChannelEqConfig,

@@ -22,8 +22,8 @@ from moe_asr.data.audio import AudioError, decode_audio, probe_audio
 from moe_asr.data.batch import Batch
 from moe_asr.data.batching import make_batches, pad, shuffle_buffer, sort_buffer
 from moe_asr.data.config import DataConfig
-from moe_asr.data.features import (Fbank, channel_eq, num_frames, resample, resampled_length, spec_augment,
-                                    spec_sub)
+from moe_asr.data.features import (Fbank, channel_eq, edge_crop, num_frames, resample, resampled_length,
+                                    spec_augment, spec_sub)
 from moe_asr.data.shards import RawSample, read_shard
 from moe_asr.data.stats import DataStats
 from moe_asr.data.tokenizer import Tokenizer
@@ -134,7 +134,7 @@ class Pipeline:
     # ------------------------------------------------------------------ materialising
     def materialize(self, utts: Sequence[PlannedUtt], generator: torch.Generator,
                     stats: DataStats) -> Optional[Batch]:
-        """Decode, resample (+speed), fbank (+VTLP), augment and pad one planned batch; bad ones are dropped."""
+        """Decode, resample (+speed), fbank (+VTLP), crop, augment and pad one planned batch; bad ones are dropped."""
         feat_cfg = self.cfg.features
         waves, kept = [], []
         for u in utts:
@@ -161,6 +161,9 @@ class Pipeline:
                 good.append((u, f))
         if not good:
             return None
+        if self.train and self.cfg.edge_crop.enabled:
+            cropped = edge_crop([f for _, f in good], self.cfg.edge_crop, self.cfg.filters.min_frames, generator)
+            good = [(u, f) for (u, _), f in zip(good, cropped)]
         lengths = torch.tensor([f.shape[0] for _, f in good], dtype=torch.int64)
         x = pad([f for _, f in good], 0.0)
         if self.train and self.cfg.channel_eq.enabled:

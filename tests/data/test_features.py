@@ -9,9 +9,9 @@ import torch
 import torchaudio
 from torchaudio.compliance.kaldi import fbank as kaldi_fbank
 
-from moe_asr.data.config import ChannelEqConfig, FeatureConfig, SpecAugConfig, SpecSubConfig
-from moe_asr.data.features import (Fbank, channel_eq, num_frames, resample, resampled_length, spec_augment,
-                                    spec_sub)
+from moe_asr.data.config import ChannelEqConfig, EdgeCropConfig, FeatureConfig, SpecAugConfig, SpecSubConfig
+from moe_asr.data.features import (Fbank, channel_eq, edge_crop, num_frames, resample, resampled_length,
+                                    spec_augment, spec_sub)
 
 from .conftest import fsdd_files
 
@@ -65,6 +65,25 @@ def test_channel_eq_is_one_smooth_bounded_curve_per_utterance():
     assert not torch.allclose(diff[0, 0], diff[1, 0])
     again = channel_eq(feats, lengths, cfg, torch.Generator().manual_seed(0))
     torch.testing.assert_close(again, out, rtol=0, atol=0)
+
+
+def test_edge_crop_cuts_each_end_within_its_bounds_and_keeps_the_middle():
+    cfg = EdgeCropConfig(enabled=True, max_frames=15, max_fraction=0.3)
+    feats = [torch.arange(n * 2, dtype=torch.float32).view(n, 2) for n in (12, 40, 300) for _ in range(200)]
+    out = edge_crop(feats, cfg, min_keep=10, generator=torch.Generator().manual_seed(0))
+    cut_starts = set()
+    for f, g in zip(feats, out):
+        n, m = f.shape[0], g.shape[0]
+        start = int(g[0, 0]) // 2
+        torch.testing.assert_close(g, f[start:start + m], rtol=0, atol=0)  # one contiguous run of frames
+        most = min(15, int(0.3 * n), (n - 10) // 2)
+        assert start <= most and n - start - m <= most and m >= 10
+        cut_starts.add((n, start))
+    # Every length is cut (the 12-frame ones only as far as min_keep lets), long ones by at most max_frames.
+    assert {s for n, s in cut_starts if n == 300} == set(range(16))
+    assert {s for n, s in cut_starts if n == 12} == {0, 1}
+    again = edge_crop(feats, cfg, min_keep=10, generator=torch.Generator().manual_seed(0))
+    assert [g.shape for g in again] == [g.shape for g in out]
 
 
 def test_dither_is_random_but_seeded():

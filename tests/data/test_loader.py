@@ -29,6 +29,7 @@ from moe_asr.schema import ConfigError, from_dict
 from .conftest import build_corpus, fsdd_files, transcript
 
 TRAIN = {"features": {"speed_perturb": [0.9, 1.0, 1.1], "vtlp": [0.9, 1.0, 1.1]}, "specsub": {"enabled": True}, "channel_eq": {"enabled": True},
+         "edge_crop": {"enabled": True},
          "batching": {"shuffle_size": 8, "sort_size": 4, "max_frames_in_batch": 400}, "filters": {"max_frames": 400}}
 
 
