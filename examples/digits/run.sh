@@ -46,7 +46,7 @@ else config=$recipe/conf/moe.yaml; ep_size=2; exp=${exp:-exp/demo}; fi
 test_sets="test_synth test_fsdd"
 modes=ctc_greedy_search,ctc_prefix_beam_search,attention_rescoring
 if $small; then
-  corpus_args=(--synth-train 40 --synth-cv 8 --synth-test 12 --fsdd-strings 8 --fsdd-per-digit 2)
+  corpus_args=(--synth-train 40 --synth-cv 8 --synth-test 12 --synth-accented 10 --fsdd-strings 8 --fsdd-per-digit 2)
   per_shard=10; train_args=(--set train.max_epochs=2 --set train.checkpoint_interval=2); average=2
 else
   corpus_args=(); per_shard=200; train_args=(); average=3

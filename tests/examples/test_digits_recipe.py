@@ -97,7 +97,8 @@ def test_a_second_run_skips_finished_stages(recipe):
 def _corpus_digest(out: Path) -> str:
     subprocess.run([sys.executable, str(RECIPE / "local" / "make_corpus.py"), "--fsdd",
                     str(REPO / "../shared/data/fsdd/recordings"), "--out", str(out), "--synth-train", "6",
-                    "--synth-cv", "2", "--synth-test", "4", "--fsdd-strings", "2", "--fsdd-per-digit", "2"],
+                    "--synth-cv", "2", "--synth-test", "4", "--synth-accented", "3", "--fsdd-strings", "2",
+                    "--fsdd-per-digit", "2"],
                    check=True, capture_output=True, timeout=300)
     digest = hashlib.sha256()
     for path in sorted((out / "wav").iterdir()):

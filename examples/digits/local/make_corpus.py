@@ -10,7 +10,9 @@ seconds) and meta.tsv (how each utterance was made).
 Why this shape: FSDD is 8 kHz telephone-band speech, so everything is brought
 to 8 kHz and the model never learns to rely on a band the real test set lacks.
 Several TTS engines, voices, speeds and pitches plus noise give the voice
-variety that four real speakers cannot; real FSDD digits are also concatenated
+variety that four real speakers cannot (festival's voices of other languages, each
+made from one real speaker's recordings, read respelled English digits: accented
+voices, female and a child's among them); real FSDD digits are also concatenated
 into strings so that the real voices are heard in connected speech too.
 
 Held out, never trained on: FSDD speakers george and yweweler (isolated
@@ -52,6 +54,19 @@ TEST_VARIANTS = VARIANTS[3::8]  # every eighth, never in training
 TRAIN_VARIANTS = [v for v in VARIANTS if v not in TEST_VARIANTS]
 FLITE_TRAIN, FLITE_TEST = ("kal", "kal16", "awb"), ("slt", "rms")
 FESTIVAL_TRAIN, FESTIVAL_TEST = ("kal_diphone", "ked_diphone"), ("cmu_us_slt_arctic_hts",)
+# Festival's voices of other languages, each recorded from a real speaker (diphones, units or HTS),
+# read English digits spelled in their own orthography: accented English of real voices, five of
+# them female or a child's, where the English training voices are all male. Training only.
+RESPELLED = {
+    "it": "ziro uan tuu trii for faiv sics seven eit nain ou",
+    "cs": "zirou uan tuu trii foor fajv siks sevn ejt najn ou",
+    "ca": "zirou uan tuu trii for faiv sics seven eit nain ou",
+    "fi": "siirou uan tuu thrii foor faiv siks seven eit nain ou",
+    "ru": "зироу уан тю фри фор файв сикс сэвэн эйт найн оу",
+}
+ACCENTED_VOICES = {"lp_diphone": "it", "pc_diphone": "it", "czech_dita": "cs", "czech_krb": "cs",
+                   "czech_machac": "cs", "czech_ph": "cs", "upc_ca_ona_hts": "ca", "msu_ru_nsh_clunits": "ru",
+                   "suo_fi_lj_diphone": "fi", "hy_fi_mv_diphone": "fi"}
 
 
 @dataclass
@@ -66,6 +81,7 @@ class Job:
     gap: int = 0          # espeak-ng's extra pause between words, 10 ms units
     f0: int = 0           # flite/festival mean pitch in Hz; 0 = the voice's own
     seed: int = 0
+    say: str = ""         # what the engine reads when it is not the transcript (a respelling)
 
 
 def digit_string(rng: np.random.Generator, max_digits: int = 7) -> str:
@@ -102,6 +118,19 @@ def plan_synthetic(split: str, count: int, rng: np.random.Generator) -> list[Job
     return jobs
 
 
+def plan_accented(count: int, rng: np.random.Generator) -> list[Job]:
+    """``count`` training jobs spread evenly over :data:`ACCENTED_VOICES`, each at its own pitch."""
+    words = {lang: dict(zip(DIGITS + ["oh"], spelled.split())) for lang, spelled in RESPELLED.items()}
+    jobs = []
+    for i in range(count):
+        voice = list(ACCENTED_VOICES)[i % len(ACCENTED_VOICES)]
+        text = digit_string(rng)
+        say = " ".join(words[ACCENTED_VOICES[voice]][w] for w in text.split())
+        jobs.append(Job(f"train_festival_{voice}_{i:05d}", text, "festival", voice,
+                        float(rng.uniform(0.8, 1.25)), seed=int(rng.integers(2**31)), say=say))
+    return jobs
+
+
 def _run(cmd: list[str], what: str) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -132,7 +161,7 @@ def synthesize(jobs: list[Job], tmp: Path, nj: int) -> dict[str, Path]:
                 script.append(f"(set! int_lr_params '((target_f0_mean {j.f0}) (target_f0_std {j.f0 // 7}) "
                               "(model_f0_mean 170) (model_f0_std 34)))")
             script += [f"(Parameter.set 'Duration_Stretch {1 / j.speed:.3f})",
-                       f'(utt.save.wave (utt.synth (Utterance Text "{j.text}")) "{out[j.key]}" \'riff)']
+                       f'(utt.save.wave (utt.synth (Utterance Text "{j.say or j.text}")) "{out[j.key]}" \'riff)']
         done = subprocess.run(["festival", "--pipe"], input="\n".join(script) + "\n", capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"festival voice {voice} failed: {done.stderr.strip()[:300]}")
@@ -184,6 +213,8 @@ def main() -> int:
     p.add_argument("--synth-train", type=int, default=4000, help="synthetic training utterances")
     p.add_argument("--synth-cv", type=int, default=160, help="synthetic CV utterances (training voices)")
     p.add_argument("--synth-test", type=int, default=240, help="synthetic test utterances (held-out voices)")
+    p.add_argument("--synth-accented", type=int, default=1000,
+                   help="training utterances of festival's other-language voices reading respelled digits")
     p.add_argument("--fsdd-strings", type=int, default=400, help="strings concatenated from training speakers' digits")
     p.add_argument("--fsdd-per-digit", type=int, default=50,
                    help="FSDD recordings used per speaker and digit (50: all); the last tenth of them are CV")
@@ -203,6 +234,8 @@ def main() -> int:
 
     jobs = {"train": plan_synthetic("train", args.synth_train, rng), "cv": plan_synthetic("cv", args.synth_cv, rng),
             "test_synth": plan_synthetic("test", args.synth_test, rng)}
+    # Their own random stream: the sets above stay what they were without them.
+    jobs["train"] += plan_accented(args.synth_accented, np.random.default_rng([args.seed, 1]))
     with tempfile.TemporaryDirectory() as tmp:
         raw = synthesize([j for js in jobs.values() for j in js], Path(tmp), args.nj)
         for split, js in jobs.items():
@@ -247,7 +280,8 @@ def main() -> int:
                "voices": {"espeak-ng train": list(ESPEAK_TRAIN), "espeak-ng test": list(ESPEAK_TEST),
                           "espeak-ng test variants": TEST_VARIANTS, "flite train": list(FLITE_TRAIN),
                           "flite test": list(FLITE_TEST), "festival train": list(FESTIVAL_TRAIN),
-                          "festival test": list(FESTIVAL_TEST), "fsdd test": list(HELD_OUT_SPEAKERS)}}
+                          "festival test": list(FESTIVAL_TEST), "festival accented train": list(ACCENTED_VOICES),
+                          "fsdd test": list(HELD_OUT_SPEAKERS)}}
     for split, r in rows.items():
         (out / f"{split}.tsv").write_text("".join(f"{k}\t{p}\t{t}\n" for k, p, t in r))
     (out / "meta.tsv").write_text("key\tengine\tvoice\tspeed\tpitch\tgap\tf0\n" + "\n".join(meta) + "\n")
