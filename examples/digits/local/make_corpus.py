@@ -121,11 +121,12 @@ def plan_synthetic(split: str, count: int, rng: np.random.Generator) -> list[Job
 def plan_accented(count: int, rng: np.random.Generator) -> list[Job]:
     """``count`` training jobs spread evenly over :data:`ACCENTED_VOICES`, each at its own pitch."""
     words = {lang: dict(zip(DIGITS + ["oh"], spelled.split())) for lang, spelled in RESPELLED.items()}
+    voices = list(ACCENTED_VOICES.items())
     jobs = []
     for i in range(count):
-        voice = list(ACCENTED_VOICES)[i % len(ACCENTED_VOICES)]
+        voice, lang = voices[i % len(voices)]
         text = digit_string(rng)
-        say = " ".join(words[ACCENTED_VOICES[voice]][w] for w in text.split())
+        say = " ".join(words[lang][w] for w in text.split())
         jobs.append(Job(f"train_festival_{voice}_{i:05d}", text, "festival", voice,
                         float(rng.uniform(0.8, 1.25)), seed=int(rng.integers(2**31)), say=say))
     return jobs
