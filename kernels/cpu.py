@@ -100,14 +100,17 @@ def grouped_ffn(rows: Tensor, counts: Tensor | list[int], w1: Tensor, b1: Tensor
         return rows.new_zeros(0, w2.shape[-1])
     inplace = not (torch.is_grad_enabled() and (rows.requires_grad or w1.requires_grad))
     p = dropout if training else 0.0
-    starts = [0]
-    for c in counts:
-        starts.append(starts[-1] + c)
-    outs = []
-    for e0, e1, cap in plan_segments(counts, d, w1.shape[-1], rows.element_size()):
-        seg = rows[starts[e0]:starts[e1]]
-        outs.append(_run(seg, counts[e0:e1], cap, w1[e0:e1], b1[e0:e1], w2[e0:e1], b2[e0:e1],
-                         activation, p, inplace))
+    segments = plan_segments(counts, d, w1.shape[-1], rows.element_size())
+    # One split per tensor rather than a slice per segment: the backward of a split is one cat,
+    # that of each slice a zero-filled tensor of the whole size (rows or weights) per segment.
+    seg_rows = rows.split([sum(counts[e0:e1]) for e0, e1, _ in segments])
+    bounds = sorted({0, len(counts), *(e for e0, e1, _ in segments for e in (e0, e1))})
+    piece = {e0: i for i, e0 in enumerate(bounds[:-1])}  # first expert -> index of its piece
+    sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+    w1s, b1s, w2s, b2s = (w.split(sizes) for w in (w1, b1, w2, b2))
+    outs = [_run(x, counts[e0:e1], cap, w1s[piece[e0]], b1s[piece[e0]], w2s[piece[e0]], b2s[piece[e0]],
+                 activation, p, inplace)
+            for x, (e0, e1, cap) in zip(seg_rows, segments)]
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
@@ -116,9 +119,9 @@ def _run(x: Tensor, counts: list[int], cap: int, w1: Tensor, b1: Tensor, w2: Ten
     """A run of experts on their contiguous rows ``x``; padded to ``cap`` rows each when uneven."""
     n = len(counts)
     if n == 1:
-        h = _act(activation, torch.addmm(b1[0], x, w1[0]), inplace)
+        h = _act(activation, torch.addmm(b1.squeeze(0), x, w1.squeeze(0)), inplace)
         h = F.dropout(h, p, True) if p > 0 else h
-        return torch.addmm(b2[0], h, w2[0])
+        return torch.addmm(b2.squeeze(0), h, w2.squeeze(0))
     d = x.shape[1]
     even = all(c == cap for c in counts)
     if even:
