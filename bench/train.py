@@ -11,7 +11,11 @@ only the seconds differ. The best round of each variant is reported:
 * ``grouped, ep=N``: our MoE layer, experts split over the ranks (all-to-all);
 * ``grouped, ep=1``: our MoE layer, every rank holding all experts;
 * ``loop``: WeNet's per-expert loop (``moe.impl: loop``);
-* ``deepspeed``: ``deepspeed.moe.layer.MoE``, top-2, dropless, on the same weights.
+* ``deepspeed``: ``deepspeed.moe.layer.MoE``, top-2, dropless, on the same weights;
+* ``dense`` (with ``--dense-config``): the MoE's dense twin of equal active parameters,
+  the price of the experts in training time.
+
+``--variants`` picks some of them (keys ``grouped-ep grouped loop deepspeed dense``).
 
     python -m bench.train --config conf/tiny_moe.yaml --deepspeed_config ds_configs/zero2_cpu.json \\
         --train-shards data/train/shards.list --cv-shards data/cv/shards.list --nproc 2 --steps 60 \\
@@ -30,18 +34,27 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def variants(nproc: int) -> list[tuple[str, list[str]]]:
-    return [(f"grouped, ep={nproc} (ours, expert parallel)", ["model.moe.impl=grouped", f"model.moe.ep_size={nproc}"]),
-            ("grouped, ep=1 (ours, data parallel)", ["model.moe.impl=grouped", "model.moe.ep_size=1"]),
-            ("loop, ep=1 (WeNet's per-expert loop)", ["model.moe.impl=loop", "model.moe.ep_size=1"]),
-            ("deepspeed.moe.layer.MoE, ep=1 (k=2, dropless)", ["model.moe.impl=deepspeed", "model.moe.ep_size=1"])]
+def variants(nproc: int, dense_config: str | None) -> dict[str, tuple[str, list[str], str | None]]:
+    """key -> (table label, config overrides, config to use instead of --config)."""
+    out = {
+        "grouped-ep": (f"grouped, ep={nproc} (ours, expert parallel)",
+                       ["model.moe.impl=grouped", f"model.moe.ep_size={nproc}"], None),
+        "grouped": ("grouped, ep=1 (ours, data parallel)", ["model.moe.impl=grouped", "model.moe.ep_size=1"], None),
+        "loop": ("loop, ep=1 (WeNet's per-expert loop)", ["model.moe.impl=loop", "model.moe.ep_size=1"], None),
+        "deepspeed": ("deepspeed.moe.layer.MoE, ep=1 (k=2, dropless)",
+                      ["model.moe.impl=deepspeed", "model.moe.ep_size=1"], None),
+    }
+    if dense_config:
+        out["dense"] = (f"dense FFN, equal active parameters ({Path(dense_config).name})",
+                        ["model.moe.ep_size=1"], dense_config)
+    return out
 
 
-def run_variant(args: argparse.Namespace, overrides: list[str], out_dir: Path, port: int) -> float:
+def run_variant(args: argparse.Namespace, overrides: list[str], config: str, out_dir: Path, port: int) -> float:
     sets = [*args.set, *overrides, f"train.max_steps={args.steps}", f"train.log_interval={args.log_interval}",
             "train.checkpoint_interval=0", f"train.max_epochs={10 ** 6}"]
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(args.nproc),
-           "--master_port", str(port), str(REPO / "launch/train.py"), "--config", args.config,
+           "--master_port", str(port), str(REPO / "launch/train.py"), "--config", config,
            "--deepspeed_config", args.deepspeed_config, "--train-shards", args.train_shards,
            "--cv-shards", args.cv_shards, "--out-dir", str(out_dir)]
     for s in sets:
@@ -68,18 +81,28 @@ def main() -> int:
     p.add_argument("--log-interval", type=int, default=10)
     p.add_argument("--port", type=int, default=29800)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to launch/train.py")
+    p.add_argument("--dense-config", help="also train this dense config (the MoE's twin of equal active parameters)")
+    p.add_argument("--variants", nargs="+", help="keys to run (default: all): grouped-ep grouped loop deepspeed dense")
     args = p.parse_args()
-    runs = variants(args.nproc)
-    fps: dict[str, list[float]] = {name: [] for name, _ in runs}
+    runs = variants(args.nproc, args.dense_config)
+    if args.variants:
+        unknown = set(args.variants) - set(runs)
+        if unknown:
+            p.error(f"unknown variants {sorted(unknown)}; choose from {sorted(runs)}")
+        runs = {k: v for k, v in runs.items() if k in args.variants}
+    fps: dict[str, list[float]] = {key: [] for key in runs}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for i, (name, overrides) in enumerate(runs):
-                fps[name].append(run_variant(args, overrides, Path(tmp) / f"{r}_{i}", args.port + i))
-                print(f"round {r}: {name}: {fps[name][-1]:.0f} frames/s", file=sys.stderr)
-    base = max(fps[runs[2][0]])
-    print("| MoE implementation | frames/s (best round) | all rounds | vs loop |\n|---|---|---|---|")
-    for name, values in fps.items():
-        print(f"| {name} | {max(values):.0f} | {', '.join(f'{v:.0f}' for v in values)} | {max(values) / base:.2f}x |")
+            for i, (key, (name, overrides, config)) in enumerate(runs.items()):
+                fps[key].append(run_variant(args, overrides, config or args.config, Path(tmp) / f"{r}_{i}",
+                                            args.port + i))
+                print(f"round {r}: {name}: {fps[key][-1]:.0f} frames/s", file=sys.stderr)
+    base_key = "loop" if "loop" in fps else next(iter(fps))
+    base = max(fps[base_key])
+    print(f"| variant | frames/s (best round) | all rounds | vs {base_key} |\n|---|---|---|---|")
+    for key, values in fps.items():
+        print(f"| {runs[key][0]} | {max(values):.0f} | {', '.join(f'{v:.0f}' for v in values)} | "
+              f"{max(values) / base:.2f}x |")
     return 0
 
 
