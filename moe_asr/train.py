@@ -137,7 +137,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from moe_asr.data.loader import build_loader
     from moe_asr.data.tokenizer import Tokenizer
     from moe_asr.engine.deepspeed_engine import build_engine, deepspeed_config
-    from moe_asr.engine.distributed import barrier, init_distributed
+    from moe_asr.engine.distributed import barrier, init_distributed, shutdown_distributed
     from moe_asr.engine.logging import setup_console
     from moe_asr.engine.loop import Trainer
 
@@ -196,4 +196,5 @@ def main(argv: Optional[list[str]] = None) -> int:
     log.info("training %s on %d rank(s), ep_size %d, ZeRO stage %d -> %s", args.config, info.world_size,
              cfg.model.moe.ep_size, tm.zero_stage, out_dir)
     trainer.fit()
+    shutdown_distributed()
     return 0

@@ -155,3 +155,16 @@ def barrier() -> None:
     """Wait for every rank; a no-op for one process."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group once every rank is done: the end of a run that finished.
+
+    Left to the interpreter's teardown, gloo's worker threads can outlive it and end a
+    rank that has finished its work in SIGABRT ("terminate called without an active
+    exception"), which the launcher reports as a failed run. Not for a failing run: a rank
+    still inside a collective would never reach the barrier.
+    """
+    if dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
