@@ -1,15 +1,19 @@
-"""`moe-asr <subcommand>`: one module per subcommand under ``moe_asr.tools``.
+"""Train, convert, decode, score and export U2++ MoE speech recognizers.
 
-Each tool module exposes ``add_arguments(parser)`` and ``run(args) -> int``;
-its docstring's first line is the help text. Modules are imported only when
-their subcommand runs, so ``moe-asr --help`` stays fast and a tool's heavy
-imports (deepspeed, sentencepiece) cost nothing to the others.
+Each subcommand is one module under ``moe_asr.tools`` exposing
+``add_arguments(parser)`` and ``run(args) -> int``; its docstring's first line is
+the help text. Modules are imported only when their subcommand runs (the help
+list reads the docstrings from source), so ``moe-asr --help`` stays fast and a
+tool's heavy imports (deepspeed, sentencepiece) cost nothing to the others.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
 import sys
+from pathlib import Path
 
 COMMANDS: dict[str, str] = {
     "model-info": "moe_asr.tools.model_info",
@@ -24,21 +28,28 @@ COMMANDS: dict[str, str] = {
 }
 
 
+def summary(module_name: str) -> str:
+    """The first line of a tool module's docstring, read from its source without importing it."""
+    spec = importlib.util.find_spec(module_name)
+    doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text())) if spec and spec.origin else None
+    return doc.strip().splitlines()[0] if doc else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="moe-asr", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = argparse.ArgumentParser(prog="moe-asr", description=__doc__.splitlines()[0],
+                                     epilog="`moe-asr COMMAND --help` shows a command's options.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     wanted = argv[0] if argv and argv[0] in COMMANDS else None
     for name, module_name in COMMANDS.items():
         if name == wanted:
             module = importlib.import_module(module_name)
-            p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0],
-                               description=module.__doc__,
+            p = sub.add_parser(name, help=summary(module_name), description=module.__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
             module.add_arguments(p)
             p.set_defaults(_run=module.run)
         else:
-            sub.add_parser(name, add_help=False)
+            sub.add_parser(name, help=summary(module_name), add_help=False)
     args = parser.parse_args(argv)
     if wanted is None:
         parser.print_help()
