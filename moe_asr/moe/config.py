@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from moe_asr.moe.registry import router_class
 from moe_asr.schema import check
 
 Impl = Literal["loop", "grouped", "deepspeed"]
@@ -24,6 +25,9 @@ class MoEConfig:
 
     num_experts: int = 8
     top_k: int = 2
+    # Which router picks each token's experts: a name in moe_asr.moe.registry.ROUTERS
+    # (`topk` is WeNet's gate, the paper's) or a "module:Class" path to a Router subclass.
+    router: str = "topk"
     # How the routed tokens reach the experts: `loop` is WeNet's per-expert
     # loop (the reference), `grouped` sorts tokens by expert and runs grouped
     # matmuls (Triton kernel on GPU, batched torch on CPU), `deepspeed` wraps
@@ -42,6 +46,10 @@ class MoEConfig:
         check(1 <= self.top_k <= self.num_experts, "top_k",
               f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
         check(self.impl in IMPLS, "impl", f"{self.impl!r} is not one of {list(IMPLS)}")
+        try:
+            router_class(self.router)
+        except ValueError as e:
+            check(False, "router", str(e))
         check(self.aux_loss_coef >= 0 and self.z_loss_coef >= 0, "aux_loss_coef",
               "loss coefficients must be >= 0")
         check(self.ep_size >= 1 and self.num_experts % self.ep_size == 0, "ep_size",
@@ -50,5 +58,5 @@ class MoEConfig:
               f"expert parallelism (ep_size={self.ep_size}) needs impl: grouped, got impl: {self.impl}")
         # DeepSpeed's top-1 gate weights the expert by its softmax over all
         # experts (WeNet's by 1), so only its top-2 computes the same function.
-        check(self.impl != "deepspeed" or (self.top_k == 2 and self.z_loss_coef == 0), "impl",
-              "deepspeed is a comparison path: it needs top_k: 2, ep_size: 1 and no z_loss_coef")
+        check(self.impl != "deepspeed" or (self.top_k == 2 and self.z_loss_coef == 0 and self.router == "topk"),
+              "impl", "deepspeed is a comparison path: it needs router: topk, top_k: 2, ep_size: 1 and no z_loss_coef")

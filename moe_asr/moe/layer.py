@@ -15,7 +15,8 @@ from moe_asr.moe.config import MoEConfig
 from moe_asr.moe.dispatch import make_plan, permute, unpermute
 from moe_asr.moe.expert_parallel import expert_parallel_grouped
 from moe_asr.moe.experts import Experts
-from moe_asr.moe.router import Routing, TopKRouter
+from moe_asr.moe.registry import router_class
+from moe_asr.moe.router import Router, Routing
 
 
 class MoEFeedForward(nn.Module):
@@ -23,8 +24,7 @@ class MoEFeedForward(nn.Module):
                  dropout: float = 0.0) -> None:
         super().__init__()
         self.impl = cfg.impl
-        self.router = (TopKRouter(d_model, cfg.num_experts, cfg.top_k, cfg.aux_loss_coef, cfg.z_loss_coef)
-                       if cfg.num_experts > 1 else None)
+        self.router: Router | None = router_class(cfg.router)(d_model, cfg) if cfg.num_experts > 1 else None
         self.experts = Experts(cfg.num_experts, d_model, d_ff, activation, dropout)
         # Auxiliary (load-balancing / z) loss of the last forward; the model adds it to its loss.
         self.aux_loss: Tensor | None = None

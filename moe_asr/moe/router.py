@@ -1,41 +1,92 @@
-"""Top-k router: which experts see each token, and with what weight.
+"""Routers: which experts see each token, and with what weight.
 
-WeNet's gate, as in the U2++ MoE paper: a bias-free linear layer, top-k of the
-raw logits, softmax over only the chosen k in float32. No noise, no capacity,
-no auxiliary loss unless asked for.
+``Router`` is the contract every router keeps, so the layer, the engine's
+expert-load logging, the ONNX export and the benchmarks never depend on one
+router's internals:
+
+- ``forward(x [N, d]) -> (Routing, aux_loss)``: ``top_k`` global expert ids per
+  token, their weights (float32), and the router's already-weighted auxiliary
+  loss (a float32 scalar, 0 when it has none);
+- statistics of its last training forward for logging: ``tokens_per_expert``
+  ``[E]`` and ``entropy`` (mean entropy of its distribution over experts),
+  kept by ``record``;
+- what an exporter needs to reproduce it: ``onnx_logits`` (logits whose top-k,
+  softmaxed over the k, *is* the routing: ONNX Runtime's MoE node computes
+  that) and ``onnx_routing`` (the routing in ops that export to standard
+  ONNX). A router that has neither says so, and the export names it.
+
+Routers are built as ``cls(d_model, cfg)`` from ``model.moe`` and found by
+name in ``moe_asr.moe.registry``. ``TopKRouter`` is WeNet's gate, as in the
+U2++ MoE paper: a bias-free linear layer, top-k of the raw logits, softmax
+over only the chosen k in float32. No noise, no capacity, no auxiliary loss
+unless asked for.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    from moe_asr.moe.config import MoEConfig
+
 
 @dataclass
 class Routing:
-    weights: Tensor  # [N, k] float32, each row sums to 1
+    weights: Tensor  # [N, k] float32
     experts: Tensor  # [N, k] int64 global expert ids
 
 
-class TopKRouter(nn.Module):
-    def __init__(self, d_model: int, num_experts: int, top_k: int,
-                 aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0) -> None:
+class RouterExportError(ValueError):
+    """The router has no ONNX form."""
+
+
+class Router(nn.Module):
+    """Base of every router: the statistics it keeps and the export hooks' defaults."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig) -> None:
         super().__init__()
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.aux_loss_coef = aux_loss_coef
-        self.z_loss_coef = z_loss_coef
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
-        # Side outputs for the engine's logging (detached, last forward only).
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.top_k
+        # Side outputs for the engine's logging (detached, last training forward only).
         self.tokens_per_expert: Tensor | None = None
         self.entropy: Tensor | None = None
 
     def forward(self, x: Tensor) -> tuple[Routing, Tensor]:
+        raise NotImplementedError
+
+    def record(self, experts: Tensor, probs: Tensor) -> None:
+        """Keep the load statistics of a training forward: ``experts [N, k]``, ``probs [N, E]``."""
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert = torch.bincount(experts.flatten(), minlength=self.num_experts)
+                p = probs.detach().float()
+                self.entropy = -(p * p.clamp_min(1e-9).log()).sum(-1).mean()
+
+    def onnx_logits(self, x: Tensor) -> Tensor | None:
+        """Logits whose top-k, softmaxed over the k, is this router's routing; None if there are none."""
+        return None
+
+    def onnx_routing(self, x: Tensor) -> Routing:
+        """The routing of ``x`` in ops that export to standard ONNX (eval mode)."""
+        raise RouterExportError(f"router {type(self).__module__}.{type(self).__qualname__} has no ONNX form "
+                                f"(it defines neither onnx_logits nor onnx_routing)")
+
+
+class TopKRouter(Router):
+    def __init__(self, d_model: int, cfg: MoEConfig) -> None:
+        super().__init__(d_model, cfg)
+        self.aux_loss_coef = cfg.aux_loss_coef
+        self.z_loss_coef = cfg.z_loss_coef
+        self.gate = nn.Linear(d_model, cfg.num_experts, bias=False)
+
+    def forward(self, x: Tensor) -> tuple[Routing, Tensor]:
         """Route ``x [N, d]``; returns the routing and the weighted auxiliary loss."""
         logits = self.gate(x)
-        top_logits, experts = logits.topk(self.top_k, dim=-1)
-        weights = torch.softmax(top_logits.float(), dim=-1)
+        routing = top_k_softmax(logits, self.top_k)
+        experts = routing.experts
         aux = logits.new_zeros((), dtype=torch.float32)
         probs = None
         if self.aux_loss_coef > 0:
@@ -44,11 +95,20 @@ class TopKRouter(nn.Module):
         if self.z_loss_coef > 0:
             aux = aux + self.z_loss_coef * torch.logsumexp(logits.float(), dim=-1).square().mean()
         if self.training:
-            with torch.no_grad():
-                self.tokens_per_expert = torch.bincount(experts.flatten(), minlength=self.num_experts)
-                p = probs if probs is not None else torch.softmax(logits.detach().float(), dim=-1)
-                self.entropy = -(p * p.clamp_min(1e-9).log()).sum(-1).mean()
-        return Routing(weights=weights, experts=experts), aux
+            self.record(experts, probs if probs is not None else torch.softmax(logits.detach().float(), dim=-1))
+        return routing, aux
+
+    def onnx_logits(self, x: Tensor) -> Tensor:
+        return self.gate(x)
+
+    def onnx_routing(self, x: Tensor) -> Routing:
+        return top_k_softmax(self.gate(x), self.top_k)
+
+
+def top_k_softmax(logits: Tensor, k: int) -> Routing:
+    """WeNet's gate on ``logits [N, E]`` (and ONNX Runtime's MoE node's): top-k, softmax over the k in float32."""
+    top, experts = logits.topk(k, dim=-1)
+    return Routing(weights=torch.softmax(top.float(), dim=-1), experts=experts)
 
 
 def load_balancing_loss(probs: Tensor, experts: Tensor, num_experts: int) -> Tensor:

@@ -51,7 +51,7 @@ from moe_asr.decode import decode
 from moe_asr.decode.streaming import StreamingRecognizer
 from moe_asr.engine.config import ConfigError, load_config
 from moe_asr.model.u2pp import U2PPModel, build_model
-from moe_asr.moe.router import TopKRouter
+from moe_asr.moe.router import Router
 from moe_asr.tools.bench_onnx import RUNTIME, OnnxEncoder, OnnxMismatch, check_equal
 
 MODES = ("encoder", "ctc_greedy_search", "ctc_prefix_beam_search", "attention_rescoring")
@@ -97,7 +97,7 @@ class WeightReads:
         self.has_experts = bool(self._hooks)
 
     def _counter(self, per_expert: int) -> Callable:
-        def hook(module: TopKRouter, inputs: tuple, output: tuple) -> None:
+        def hook(module: Router, inputs: tuple, output: tuple) -> None:
             self.bytes += per_expert * int(output[0].experts.unique().numel())
         return hook
 

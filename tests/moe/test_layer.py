@@ -69,7 +69,7 @@ def test_one_expert_is_a_dense_ffn():
 def test_router_is_wenet_gate():
     """Top-k of raw logits, softmax over the chosen k only, in float32, no bias."""
     torch.manual_seed(1)
-    router = TopKRouter(6, 5, 2)
+    router = TopKRouter(6, MoEConfig(5, 2))
     assert router.gate.bias is None
     x = torch.randn(4, 6)
     routing, aux = router(x)
