@@ -19,9 +19,10 @@ $(STAMP): requirements.txt setup.py
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
-# Not fatal when they cannot be installed: the recipe's test then skips and says why.
+# Not fatal when they cannot be installed, unless CI=true: the recipe's tests then skip and say why
+# (under CI they fail, naming what is missing; tests/helpers.py: require).
 tts:
-	-bash examples/digits/local/install_tts.sh
+	bash examples/digits/local/install_tts.sh || { [ "$$CI" != true ] && echo "tts: not installed; the digits recipe's tests will skip" >&2; }
 
 test: $(STAMP) tts
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -14,9 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import require
 from tests.processes import Proc, alive, process
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+
+@pytest.fixture(autouse=True)
+def _linux() -> None:
+    require(sys.platform.startswith("linux"), "Linux (prctl(PR_SET_PDEATHSIG) and /proc)")
 
 
 def _wait_gone(proc: Proc, seconds: float) -> bool:

@@ -10,7 +10,6 @@ that a second run skips every finished stage.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from moe_asr.checkpoint import load_model
+from tests.helpers import require
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "examples" / "digits"
@@ -28,9 +28,11 @@ SETS = ("test_synth", "test_fsdd")
 PORT = "29790"  # the ranks' rendezvous; other multi-rank tests use 29611-29756
 METHODS = ("ctc_greedy_search", "ctc_prefix_beam_search", "attention_rescoring")
 
-pytestmark = pytest.mark.skipif(
-    not all(shutil.which(t) for t in ("espeak-ng", "flite", "festival")),
-    reason="espeak-ng, flite or festival is not installed (as root: bash examples/digits/local/install_tts.sh)")
+
+@pytest.fixture(autouse=True, scope="module")
+def _synthesizers() -> None:
+    require(all(shutil.which(t) for t in ("espeak-ng", "flite", "festival")),
+            "espeak-ng, flite or festival (make test installs them as root: examples/digits/local/install_tts.sh)")
 
 
 def _run(args: list[str], timeout: float) -> str:
@@ -110,28 +112,3 @@ def _corpus_digest(out: Path) -> str:
 
 def test_corpus_is_deterministic_for_a_seed(tmp_path):
     assert _corpus_digest(tmp_path / "a") == _corpus_digest(tmp_path / "b")
-
-
-def _report_module():
-    spec = importlib.util.spec_from_file_location("digits_report", RECIPE / "local" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_report_breaks_scores_down_by_voice(tmp_path):
-    report = _report_module()
-    refs = {"6_george_1": "six", "6_george_2": "six", "2_yweweler_0": "two",
-            "test_flite_slt_00001": "one two three", "test_festival_cmu_us_slt_arctic_hts_00002": "four five",
-            "test_espeak_en029_00003": "six seven"}
-    hyps = {"6_george_1": "eight", "6_george_2": "six", "2_yweweler_0": "two",
-            "test_flite_slt_00001": "one two", "test_festival_cmu_us_slt_arctic_hts_00002": "four nine",
-            "test_espeak_en029_00003": "eight seven oh"}
-    for name, table in (("ref", refs), ("hyp", hyps)):
-        (tmp_path / name).write_text("".join(f"{k} {v}\n" for k, v in table.items()))
-    subprocess.run([sys.executable, "-m", "moe_asr.cli", "score", "--ref", str(tmp_path / "ref"), "--hyp",
-                    str(tmp_path / "hyp"), "-o", str(tmp_path)], check=True, capture_output=True, timeout=120)
-    wer, subs = report.breakdown(tmp_path / "wer_per_utt.txt")
-    assert wer == {"george": 50.0, "yweweler": 0.0, "flite slt": 100 / 3, "festival cmu_us_slt_arctic_hts": 50.0,
-                   "espeak en029": 100.0}
-    assert sorted(subs) == [("five", "nine", 1), ("six", "eight", 2)]

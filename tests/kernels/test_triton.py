@@ -7,10 +7,9 @@ tests run on CUDA tensors, bf16 included.
 import pytest
 import torch
 
-pytest.importorskip("triton")
-
-import moe_asr_kernels as kernels  # noqa: E402
-from moe_asr_kernels.reference import grouped_ffn_loop, grouped_mm_loop, moe_loop, unpermute_loop  # noqa: E402
+import moe_asr_kernels as kernels
+from moe_asr_kernels.reference import grouped_ffn_loop, grouped_mm_loop, moe_loop, unpermute_loop
+from tests.helpers import require
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -26,6 +25,11 @@ COUNTS = {
     "all_empty": [0, 0, 0],
     "many_small": [1, 2, 0, 5, 1, 1, 0, 3, 2, 1],
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _triton() -> None:
+    require(kernels.triton_available(), "triton (torch's dependency: make setup installs it)")
 
 
 def _leaf(t, dtype):

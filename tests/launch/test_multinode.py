@@ -28,6 +28,7 @@ import torch
 from moe_asr.checkpoint import read_model_state
 from moe_asr.engine.checkpoint import MANIFEST, Checkpointer
 from tests.engine.conftest import REPO, SMALL_MODEL, Corpus, data_overrides, read_metrics, run_training, train_cmd
+from tests.helpers import require
 
 HARNESS = REPO / "launch/slurm/local_cluster.sh"
 CANNOT_INSTALL = 3  # local_cluster.sh's exit status when Slurm cannot be installed here
@@ -76,8 +77,8 @@ def cluster() -> Iterator[dict[str, str]]:
     state = Path(tempfile.mkdtemp(prefix="moe-asr-cluster-"))  # under /tmp: the munge user must reach it
     try:
         up = subprocess.run([str(HARNESS), "up", str(state)], capture_output=True, text=True, timeout=900)
-        if up.returncode == CANNOT_INSTALL:
-            pytest.skip(up.stderr.strip().splitlines()[-1])
+        require(up.returncode != CANNOT_INSTALL,
+                f"a local Slurm cluster ({(up.stderr.strip().splitlines() or ['?'])[-1]})")
         assert up.returncode == 0, f"local_cluster.sh up failed:\n{up.stdout}\n{up.stderr}"
         yield {**os.environ, "SLURM_CONF": str(state / "slurm.conf"), "PATH": f"{BIN}:{os.environ['PATH']}",
                "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
