@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decode_doubles import FakeDecoder, exhaustive_best, sequence_score
 from moe_asr.decode.attention import attention_beam_search, attention_rescoring, score_hypotheses
 from moe_asr.symbols import sos_eos_id
+from tests.decode.decode_doubles import FakeDecoder, exhaustive_best, sequence_score
 
 D_MODEL = 6
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decode_doubles import exhaustive_best, sequence_score
 from moe_asr.decode.attention import attention_beam_search
 from moe_asr.decode.ctc import ctc_prefix_beam_search
 from moe_asr.decode.search import METHODS, decode
@@ -12,6 +11,7 @@ from moe_asr.model.config import DecoderConfig, EncoderConfig, ModelConfig
 from moe_asr.moe.config import MoEConfig
 from moe_asr.model.u2pp import U2PPModel, build_model
 from moe_asr.symbols import BLANK_ID, sos_eos_id
+from tests.decode.decode_doubles import exhaustive_best, sequence_score
 
 VOCAB = 6
 EOS = sos_eos_id(VOCAB)

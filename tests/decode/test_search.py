@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decode_doubles import FakeModel
 from moe_asr.decode.attention import attention_beam_search, attention_rescoring
 from moe_asr.decode.ctc import ctc_greedy_search, ctc_prefix_beam_search
 from moe_asr.decode.search import METHODS, Hypothesis, decode
+from tests.decode.decode_doubles import FakeModel
 
 
 def batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
