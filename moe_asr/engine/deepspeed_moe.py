@@ -65,13 +65,11 @@ def expert_groups(ep_size: int, use_data_before_expert_parallel: bool = False
                   ) -> tuple[int, dist.ProcessGroup | None]:
     """This rank's place in its expert-parallel group and the group (None for ``ep_size=1``).
 
-    Creates DeepSpeed's expert and expert-data-parallel groups on first use.
+    Creates DeepSpeed's expert and expert-data-parallel groups on first use; ``ep_size``
+    divides the world (``ParallelConfig.check_world``, before training starts).
     """
     from deepspeed.utils import groups
 
-    world = dist.get_world_size()
-    if world % ep_size:
-        raise ValueError(f"model.moe.ep_size={ep_size} does not divide the {world} ranks")
     name = group_name(ep_size)
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(

@@ -55,15 +55,40 @@ def test_plan_segments_choices():
     assert covered == [0, 1, 2, 3, 5, 6]
 
 
-def test_padded_run_in_training_with_dropout_zeroes_the_same_rows_it_scales():
-    torch.manual_seed(0)
-    counts = [2, 3, 1]
-    w = _weights(3, 4, 8)
-    rows = torch.randn(6, 4)
-    y = cpu.grouped_ffn(rows, counts, *w, "relu", dropout=0.5, training=True)
-    assert y.shape == (6, 4) and torch.isfinite(y).all()
-    y_eval = cpu.grouped_ffn(rows, counts, *w, "relu", dropout=0.5, training=False)
-    torch.testing.assert_close(y_eval, grouped_ffn_loop(rows, counts, *w, "relu"))
+def _unit_dropout(h, p=0.5, training=True, inplace=False):
+    """Dropout with one fixed mask over the hidden units (every third dropped), the same for every row: each
+    path then drops the same elements of the same rows, whatever its order, padding or grouping of rows."""
+    if not training or p == 0:
+        return h
+    keep = (torch.arange(h.shape[-1], device=h.device) % 3 != 0).to(h.dtype)
+    return h * keep / (1 - p)
+
+
+@pytest.mark.parametrize("n,k,e,path", [(16, 2, 8, "small"), (5, 1, 4, "one by one"), (300, 2, 4, "padded")])
+def test_hidden_dropout_in_training_equals_the_loop_under_the_same_mask(n, k, e, path, monkeypatch):
+    """Forward and gradients in training with dropout, each CPU path (moe_ffn_small; grouped_ffn running
+    experts one by one or as one padded run) against WeNet's loop, both dropping what the injected mask drops."""
+    import moe_asr_kernels as kernels
+    torch.manual_seed(n)
+    d, f = 6, 12
+    w = _weights(e, d, f, seed=n)
+    experts = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
+    weights = torch.softmax(torch.randn(n, k), -1)
+    segments = cpu.plan_segments(torch.bincount(experts.flatten(), minlength=e).tolist(), d, f)
+    small = cpu.moe_ffn_small(torch.zeros(n, d), experts, weights, *w) is not None
+    assert path == ("small" if small else "padded" if any(b - a > 1 for a, b, _ in segments) else "one by one")
+    x = torch.randn(n, d, requires_grad=True)
+    without = kernels.moe_ffn(x, experts, weights, *w, "swish", dropout=0.5, training=False)
+    monkeypatch.setattr(torch.nn.functional, "dropout", _unit_dropout)
+    y = kernels.moe_ffn(x, experts, weights, *w, "swish", dropout=0.5, training=True)
+    refs = [t.detach().clone().requires_grad_() for t in [x] + w]
+    y_ref = moe_loop(refs[0], experts, weights, *refs[1:], "swish", dropout=0.5, training=True)
+    assert not torch.allclose(y_ref, without), "the mask should change the output"
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    for i, (a, b) in enumerate(zip(torch.autograd.grad((y * g).sum(), [x] + w),
+                                   torch.autograd.grad((y_ref * g).sum(), refs))):
+        torch.testing.assert_close(a, b, msg=f"grad {i}")
 
 
 @pytest.mark.parametrize("n,k,e", [(11, 2, 4), (5, 1, 3), (9, 2, 8), (1, 2, 2)])
