@@ -38,15 +38,15 @@ def variants(nproc: int, dense_config: str | None) -> dict[str, tuple[str, list[
     """key -> (table label, config overrides, config to use instead of --config)."""
     out = {
         "grouped-ep": (f"grouped, ep={nproc} (ours, expert parallel)",
-                       ["model.moe.impl=grouped", f"model.moe.ep_size={nproc}"], None),
-        "grouped": ("grouped, ep=1 (ours, data parallel)", ["model.moe.impl=grouped", "model.moe.ep_size=1"], None),
-        "loop": ("loop, ep=1 (WeNet's per-expert loop)", ["model.moe.impl=loop", "model.moe.ep_size=1"], None),
+                       ["model.moe.impl=grouped", f"parallel.ep_size={nproc}"], None),
+        "grouped": ("grouped, ep=1 (ours, data parallel)", ["model.moe.impl=grouped", "parallel.ep_size=1"], None),
+        "loop": ("loop, ep=1 (WeNet's per-expert loop)", ["model.moe.impl=loop", "parallel.ep_size=1"], None),
         "deepspeed": ("deepspeed.moe.layer.MoE, ep=1 (k=2, dropless)",
-                      ["model.moe.impl=deepspeed", "model.moe.ep_size=1"], None),
+                      ["model.moe.impl=deepspeed", "parallel.ep_size=1"], None),
     }
     if dense_config:
         out["dense"] = (f"dense FFN, equal active parameters ({Path(dense_config).name})",
-                        ["model.moe.ep_size=1"], dense_config)
+                        ["parallel.ep_size=1"], dense_config)
     return out
 
 

@@ -91,6 +91,8 @@ def _join(where: str, key: str) -> str:
 def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys and bad types are errors.
 
+    A class with a static ``migrate(data) -> data`` gets its old key names rewritten first.
+
     ``where`` is the dotted key path of ``data`` (``model.encoder``); every
     message names the full key so the user knows what to fix. Range checks live in each
     dataclass's ``__post_init__`` and raise ``ConfigError`` via :func:`check`.
@@ -99,6 +101,8 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where or 'top level'}: expected a mapping of keys, got {type(data).__name__} {data!r}")
+    if hasattr(cls, "migrate"):  # a section that renamed keys reads its old form (and says so)
+        data = cls.migrate(dict(data))
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))

@@ -26,7 +26,7 @@ from moe_asr.engine.checkpoint import LATEST, Checkpointer
 from moe_asr.engine.config import ConfigError, ExperimentConfig, save_config
 from moe_asr.engine.fingerprint import ResumeRefused, check_resume, fingerprint
 from moe_asr.engine.training_state import TrainingState, apply_training_state
-from moe_asr.model.config import LAYOUT_KEYS, model_differences
+from moe_asr.model.config import COMPUTE_KEYS, model_differences
 from moe_asr.schema import from_dict
 
 log = logging.getLogger("moe_asr.train")
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh-optimizer", action="store_true",
                    help="with --init-from: new AdamW moments, LR schedule and counters from step 0")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set model.moe.ep_size=2 (VALUE is YAML); repeatable")
+                   help="override a config value, e.g. --set parallel.ep_size=2 (VALUE is YAML); repeatable")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -92,7 +92,7 @@ def _init_from(path: str, cfg: ExperimentConfig, fresh_optimizer: bool) -> tuple
     if diff:
         key, (theirs, ours) = next(iter(diff.items()))
         raise ConfigError(f"--init-from {path}: its model differs from this config's at model.{key} "
-                          f"({theirs!r} vs {ours!r}); only model.{' and model.'.join(LAYOUT_KEYS)} may change")
+                          f"({theirs!r} vs {ours!r}); only model.{' and model.'.join(COMPUTE_KEYS)} may change")
     state = ms.extra.get("training_state")
     if state is None and not fresh_optimizer:
         raise ConfigError(f"--init-from {path}: the file has no training state (write it with "
@@ -152,9 +152,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ds_config = deepspeed_config(args.deepspeed_config, cfg.train)
     info = init_distributed()
     setup_console(info.rank)
-    if info.world_size % cfg.model.moe.ep_size:
-        raise ConfigError(f"{args.config}: model.moe.ep_size={cfg.model.moe.ep_size} does not divide the "
-                          f"{info.world_size} ranks")
+    try:
+        cfg.parallel.check_world(info.world_size)
+    except ConfigError as e:
+        raise ConfigError(f"{args.config}: {e}") from None
     weights, state = _init_from(args.init_from, cfg, args.fresh_optimizer) if args.init_from else (None, None)
     try:
         loaders = build_loader(cfg.data, "train", tokenizer), build_loader(cfg.data, "cv", tokenizer)
@@ -194,7 +195,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         save_config(cfg, out_dir / "train.yaml")
     barrier()
     log.info("training %s on %d rank(s), ep_size %d, ZeRO stage %d -> %s", args.config, info.world_size,
-             cfg.model.moe.ep_size, tm.zero_stage, out_dir)
+             cfg.parallel.ep_size, tm.zero_stage, out_dir)
     trainer.fit()
     shutdown_distributed()
     return 0

@@ -53,7 +53,14 @@ def test_auto_vocab_size_reads_the_table_as_the_tokenizer_does(tmp_path):
      "model.vocab_size: auto reads the symbol table: /nonexistent/units.txt: symbol table not found"),
     ("model:\n  vocab_size: 10\n  moe:\n    top_k: 9\n", "model.moe.top_k: must be in [1, num_experts=8]"),
     ("model:\n  vocab_size: 10\n  encoder:\n    input_layer: conv3\n", "model.encoder.input_layer: 'conv3' is not one of"),
-    ("model:\n  vocab_size: 10\n  moe:\n    ep_size: 3\n", "model.moe.ep_size: must divide num_experts=8"),
+    ("model:\n  vocab_size: 10\nparallel:\n  ep_size: 3\n", "parallel.ep_size: must divide model.moe.num_experts=8"),
+    ("model:\n  vocab_size: 10\n  moe: {impl: loop}\nparallel:\n  ep_size: 2\n",
+     "parallel.ep_size: expert parallelism (ep_size=2) needs model.moe.impl: grouped, got loop"),
+    ("model:\n  vocab_size: 10\n  moe: {impl: deepspeed}\nparallel:\n  ep_size: 2\n",
+     "parallel.ep_size: expert parallelism (ep_size=2) needs model.moe.impl: grouped, got deepspeed"),
+    ("model:\n  vocab_size: 10\n  moe: {ep_size: 2}\nparallel:\n  ep_size: 4\n",
+     "model.moe.ep_size: 2 conflicts with parallel.ep_size: 4; the key moved to parallel.ep_size"),
+    ("parallel:\n  ep_size: 0\nmodel:\n  vocab_size: 10\n", "parallel.ep_size: must be >= 1, got 0"),
     ("model:\n  encoder: {}\n", "model.vocab_size: required key is missing"),
     ("model: [1, 2]\n", "model: expected a mapping"),
     ("model:\n  vocab_size: 10\n  causal: true\n", "model: unknown key(s) ['causal']"),
@@ -75,3 +82,12 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_a_config_from_before_the_parallel_section_reads_its_ep_size_there_and_says_so(tmp_path, caplog):
+    path = tmp_path / "old.yaml"
+    path.write_text("model:\n  vocab_size: 10\n  moe:\n    num_experts: 4\n    ep_size: 2\n")
+    with caplog.at_level("WARNING"):
+        cfg = load_config(path)
+    assert cfg.parallel.ep_size == 2 and not hasattr(cfg.model.moe, "ep_size")
+    assert "model.moe.ep_size is now parallel.ep_size: read as parallel.ep_size: 2" in caplog.text

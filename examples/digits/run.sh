@@ -92,7 +92,7 @@ if run_stage 4 "$exp" train; then
     --deepspeed_config ds_configs/zero2_cpu.json --out-dir "$exp" \
     --train-shards "$data/shards/train/shards.list" --cv-shards "$data/shards/cv/shards.list" \
     --set data.tokenizer.symbol_table="$data/lang/units.txt" --set model.cmvn="$data/cmvn.json" \
-    --set model.moe.ep_size=$ep_size "${train_args[@]}"
+    --set parallel.ep_size=$ep_size "${train_args[@]}"
   done_mark "$exp" train
 fi
 

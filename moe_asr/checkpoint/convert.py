@@ -35,12 +35,12 @@ def ds_to_pt(path: str | Path, tag: Optional[str], with_optimizer: bool) -> tupl
         raise ValueError(f"{ms.source}: already a consolidated model file")
     ds_config = load_file(ms.source / MODEL_FILE)["ds_config"]
     mixed = precision(ds_config) != "fp32"
-    summary = {"source": str(ms.source), "zero_stage": zero_stage(ds_config), "ep_size": ms.config.model.moe.ep_size,
+    summary = {"source": str(ms.source), "zero_stage": zero_stage(ds_config), "ep_size": ms.config.parallel.ep_size,
                "precision": precision(ds_config), "with_optimizer": with_optimizer}
     if with_optimizer or mixed:
         with torch.device("meta"):
             shapes = {name: p.shape for name, p in build_model(ms.config.model, load_cmvn=False).named_parameters()}
-        ts, masters = read_training_state(ms.source, shapes, ms.config.model.moe.ep_size)
+        ts, masters = read_training_state(ms.source, shapes, ms.config.parallel.ep_size)
         state = {**ms.state, **masters}
         extra = {"training_state": asdict(ts)} if with_optimizer else {}
         ms = replace(ms, state=state, extra=extra)

@@ -5,7 +5,8 @@ that uses it (``data/config.py``, ``model/config.py``, ``moe/config.py``); it
 lives here because the engine is what runs an experiment, so nothing below
 the engine needs to know the whole config.
 
-Train section: how long, how fast, how often to save and log.
+Train section: how long, how fast, how often to save and log. Parallel
+section: how the model is laid out over ranks (the model never sees it).
 
 Optimisation hyper-parameters (AdamW, the learning-rate schedule, clipping,
 gradient accumulation) live here, with the model they suit, and not in the
@@ -17,6 +18,7 @@ steps, inverse-square-root decay, clip 5).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Optional
@@ -26,8 +28,10 @@ from moe_asr.data.tokenizer import read_symbol_table
 from moe_asr.model.config import AUTO, ModelConfig
 from moe_asr.schema import ConfigError, check, dump_yaml, load_yaml
 
-__all__ = ["ExperimentConfig", "TrainConfig", "ConfigError", "load_config", "precision", "resolve_vocabulary",
-           "save_config", "zero_stage"]
+__all__ = ["ExperimentConfig", "ParallelConfig", "TrainConfig", "ConfigError", "load_config", "precision",
+           "resolve_vocabulary", "save_config", "zero_stage"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,14 +90,54 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the model is laid out over ranks; models are always built with all experts."""
+
+    # Expert-parallel group size: the engine splits the experts of every MoE layer over this
+    # many ranks; the world is world_size / ep_size such groups (data parallel between them).
+    ep_size: int = 1
+
+    def __post_init__(self) -> None:
+        check(self.ep_size >= 1, "ep_size", f"must be >= 1, got {self.ep_size}")
+
+    def check_world(self, world_size: int) -> None:
+        """The one check that needs the launched world: ep_size must divide it."""
+        check(world_size % self.ep_size == 0, "parallel.ep_size",
+              f"{self.ep_size} does not divide the {world_size} ranks")
+
+
+@dataclass
 class ExperimentConfig:
     model: ModelConfig
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         # `model.vocab_size: auto` is the symbol table's size: one number fewer to keep in step by hand.
         self.model = resolve_vocabulary(self.model, self.data.tokenizer.symbol_table)
+        moe, ep = self.model.moe, self.parallel.ep_size
+        check(moe.num_experts % ep == 0, "parallel.ep_size", f"must divide model.moe.num_experts="
+              f"{moe.num_experts}, got {ep}")
+        check(ep == 1 or moe.impl == "grouped", "parallel.ep_size",
+              f"expert parallelism (ep_size={ep}) needs model.moe.impl: grouped, got {moe.impl}")
+
+    @staticmethod
+    def migrate(data: dict) -> dict:
+        """Configs written before the ``parallel:`` section said ``model.moe.ep_size``: the value moves
+        there, with a warning (saved runs keep loading and resume at the layout they were trained at)."""
+        model = data.get("model")
+        moe = model.get("moe") if isinstance(model, dict) else None
+        parallel = data.get("parallel") or {}
+        if not (isinstance(moe, dict) and "ep_size" in moe and isinstance(parallel, dict)):
+            return data  # nothing to move; a malformed section fails in from_dict, naming its key
+        old = moe["ep_size"]
+        if "ep_size" in parallel and parallel["ep_size"] != old:
+            raise ConfigError(f"model.moe.ep_size: {old!r} conflicts with parallel.ep_size: {parallel['ep_size']!r}; "
+                              f"the key moved to parallel.ep_size, remove model.moe.ep_size")
+        log.warning("model.moe.ep_size is now parallel.ep_size: read as parallel.ep_size: %s", old)
+        moe = {k: v for k, v in moe.items() if k != "ep_size"}
+        return {**data, "model": {**model, "moe": moe}, "parallel": {**parallel, "ep_size": old}}
 
 
 def resolve_vocabulary(model: ModelConfig, symbol_table: Optional[str]) -> ModelConfig:

@@ -15,7 +15,7 @@ import deepspeed
 import torch
 
 from moe_asr.engine.config import ConfigError, ExperimentConfig, TrainConfig, precision, zero_stage
-from moe_asr.engine.deepspeed_moe import prepare_moe_layers
+from moe_asr.engine.deepspeed_moe import load_file, prepare_moe_layers
 from moe_asr.engine.distributed import DistInfo
 from moe_asr.engine.optim import build_optimizer, build_scheduler
 from moe_asr.model.u2pp import U2PPModel, build_model
@@ -67,10 +67,11 @@ def build_engine(cfg: ExperimentConfig, ds_config: dict, info: DistInfo,
     model = build_model(cfg.model, load_cmvn=weights is None)
     if weights is not None:
         model.load_state_dict(weights)
-    layers = prepare_moe_layers(model, cfg.model.moe.ep_size)
+    layers = prepare_moe_layers(model, cfg.parallel.ep_size)
     stage = zero_stage(ds_config)
     optimizer = build_optimizer(model, cfg.train, stage)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                       lr_scheduler=lambda opt: build_scheduler(opt, cfg.train),
                                       dist_init_required=False)
+    engine.checkpoint_engine.load = load_file  # DeepSpeed's reads of a checkpoint never run code from it
     return TrainingModel(engine, model, layers, stage)

@@ -43,7 +43,7 @@ def fingerprint(cfg: ExperimentConfig, tokenizer: Tokenizer, world_size: int, ds
     return {"model": comparable(cfg.model), "vocab_size": tokenizer.vocab_size,
             "symbol_table_sha256": _sha256(table),
             "tokenizer": {**text, "sp_model_sha256": _sha256(tokenizer.sp_model) if tokenizer.sp_model else None},
-            "ep_size": cfg.model.moe.ep_size, "world_size": world_size, "zero_stage": zero_stage(ds_config),
+            "ep_size": cfg.parallel.ep_size, "world_size": world_size, "zero_stage": zero_stage(ds_config),
             "precision": precision(ds_config), "code_version": __version__}
 
 

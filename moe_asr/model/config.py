@@ -131,8 +131,9 @@ class ModelConfig:
         return self.vocab_size
 
 
-# How a model is computed and split over ranks, not what it computes: free to change between runs.
-LAYOUT_KEYS = ("moe.ep_size", "moe.impl")
+# How a model is computed, not what it computes: free to change between runs (how it is laid
+# out over ranks is not in the model config at all: the experiment's `parallel:` section).
+COMPUTE_KEYS = ("moe.impl",)
 
 
 def comparable(cfg: ModelConfig) -> dict[str, Any]:
@@ -140,11 +141,11 @@ def comparable(cfg: ModelConfig) -> dict[str, Any]:
 
     The CMVN file path counts only as present or absent (its statistics travel
     in the weights, but without it the model has no CMVN buffers), and the
-    layout keys are left out.
+    compute keys are left out.
     """
     flat = flatten(to_dict(cfg))
     flat["cmvn"] = flat["cmvn"] is not None
-    for key in LAYOUT_KEYS:
+    for key in COMPUTE_KEYS:
         flat.pop(key)
     return flat
 

@@ -32,14 +32,11 @@ class MoEConfig:
     # loop (the reference), `grouped` sorts tokens by expert and runs grouped
     # matmuls (Triton kernel on GPU, batched torch on CPU), `deepspeed` wraps
     # deepspeed.moe.layer.MoE (dropless, same weights) for comparison only:
-    # top_k=2, ep_size=1, no z-loss.
+    # top_k=2, parallel.ep_size=1, no z-loss.
     impl: Impl = "grouped"
     # Optional Switch-style load-balancing loss and router z-loss; the paper uses neither.
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
-    # Expert-parallel group size for training: the engine splits the experts of
-    # every layer over this many ranks. Models are always built with all experts.
-    ep_size: int = 1
 
     def __post_init__(self) -> None:
         check(self.num_experts >= 1, "num_experts", f"must be >= 1, got {self.num_experts}")
@@ -52,11 +49,7 @@ class MoEConfig:
             check(False, "router", str(e))
         check(self.aux_loss_coef >= 0 and self.z_loss_coef >= 0, "aux_loss_coef",
               "loss coefficients must be >= 0")
-        check(self.ep_size >= 1 and self.num_experts % self.ep_size == 0, "ep_size",
-              f"must divide num_experts={self.num_experts}, got {self.ep_size}")
-        check(self.ep_size == 1 or self.impl == "grouped", "ep_size",
-              f"expert parallelism (ep_size={self.ep_size}) needs impl: grouped, got impl: {self.impl}")
         # DeepSpeed's top-1 gate weights the expert by its softmax over all
         # experts (WeNet's by 1), so only its top-2 computes the same function.
         check(self.impl != "deepspeed" or (self.top_k == 2 and self.z_loss_coef == 0 and self.router == "topk"),
-              "impl", "deepspeed is a comparison path: it needs router: topk, top_k: 2, ep_size: 1 and no z_loss_coef")
+              "impl", "deepspeed is a comparison path: it needs router: topk, top_k: 2 and no z_loss_coef")

@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 @pytest.fixture(scope="module")
 def trained_run(small_corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ep2_zero2")
-    overrides = {**SMALL_MODEL, **data_overrides(small_corpus), "model.moe.ep_size": 2, "train.max_steps": 3,
+    overrides = {**SMALL_MODEL, **data_overrides(small_corpus), "parallel.ep_size": 2, "train.max_steps": 3,
                  "train.max_epochs": 1, "train.log_interval": 1, "train.warmup_steps": 1}
     run_training(train_cmd(small_corpus, out, str(REPO / "ds_configs/zero2_cpu.json"), overrides, 29655,
                            script=str(HERE / "train_and_snapshot.py")))

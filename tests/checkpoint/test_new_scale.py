@@ -43,7 +43,7 @@ HERE = REPO / "tests" / "checkpoint"
 
 
 def _overrides(corpus, max_steps: int, ep_size: int) -> dict:
-    return {**SMALL_MODEL, **NO_DROPOUT, **data_overrides(corpus), "model.moe.ep_size": ep_size, "train.max_steps": max_steps,
+    return {**SMALL_MODEL, **NO_DROPOUT, **data_overrides(corpus), "parallel.ep_size": ep_size, "train.max_steps": max_steps,
             "train.log_interval": 1, "train.warmup_steps": 3, "train.decay": "noam", "train.eps": 1e-3,
             "train.grad_clip": 0.01}
 

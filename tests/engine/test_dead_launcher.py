@@ -62,7 +62,7 @@ def _wait_for_training(out: Path, top: subprocess.Popen, console: Path) -> None:
                                               ("torchrun", "SIGKILL", 29685), ("torchrun", "SIGTERM", 29687)])
 def test_ranks_end_with_their_launcher(small_corpus, tmp_path, launcher, sig, port):
     out, console = tmp_path / "run", tmp_path / "console.txt"
-    overrides = {**SMALL_MODEL, **data_overrides(small_corpus), "model.moe.ep_size": 2, "train.max_steps": 100000,
+    overrides = {**SMALL_MODEL, **data_overrides(small_corpus), "parallel.ep_size": 2, "train.max_steps": 100000,
                  "train.log_interval": 1, "train.checkpoint_interval": 2}
     cmd = train_cmd(small_corpus, out, "ds_configs/zero1_cpu.json", overrides, port, launcher=launcher)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -61,10 +61,10 @@ def test_shipped_deepspeed_configs_are_accepted():
 
 
 def test_overrides_are_validated():
-    cfg = load_experiment(TINY, ["model.moe.ep_size=2", "train.lr=0.002"], train_shards="a.list")
-    assert cfg.model.moe.ep_size == 2 and cfg.train.lr == 0.002 and cfg.data.train_shards == "a.list"
+    cfg = load_experiment(TINY, ["parallel.ep_size=2", "train.lr=0.002"], train_shards="a.list")
+    assert cfg.parallel.ep_size == 2 and cfg.train.lr == 0.002 and cfg.data.train_shards == "a.list"
     with pytest.raises(ConfigError, match="ep_size"):
-        load_experiment(TINY, ["model.moe.ep_size=3"])
+        load_experiment(TINY, ["parallel.ep_size=3"])
     with pytest.raises(ConfigError, match="unknown key"):
         load_experiment(TINY, ["train.learning_rate=1"])
 

@@ -25,7 +25,7 @@ STEPS = 2
 
 
 def _run(corpus, out_dir, stage: int, ep_size: int, port: int) -> None:
-    overrides = {**SMALL_MODEL, **NO_DROPOUT, **data_overrides(corpus), "model.moe.ep_size": ep_size,
+    overrides = {**SMALL_MODEL, **NO_DROPOUT, **data_overrides(corpus), "parallel.ep_size": ep_size,
                  "train.max_steps": STEPS, "train.max_epochs": 1, "train.log_interval": 1,
                  "train.warmup_steps": 0, "train.decay": "constant", "train.grad_clip": 0.01, "train.lr": 0.002,
                  "train.eps": 1e-3}

@@ -14,7 +14,7 @@ SCRIPT = str(REPO / "tests/engine/poisoned_training.py")
 
 
 def _overrides(corpus, steps: int) -> dict:
-    return {**SMALL_MODEL, **data_overrides(corpus), "model.moe.ep_size": 2, "train.max_steps": steps,
+    return {**SMALL_MODEL, **data_overrides(corpus), "parallel.ep_size": 2, "train.max_steps": steps,
             "train.log_interval": 1, "train.warmup_steps": 2}
 
 
@@ -44,7 +44,7 @@ def test_too_many_nonfinite_in_a_row_stop_with_an_error(small_corpus, tmp_path, 
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     cmd = train_cmd(small_corpus, tmp_path, "ds_configs/zero0_cpu.json",
-                    {**_overrides(small_corpus, 5), "model.moe.ep_size": 1, "train.max_consecutive_nonfinite": 3},
+                    {**_overrides(small_corpus, 5), "parallel.ep_size": 1, "train.max_consecutive_nonfinite": 3},
                     0, launcher="python", script=SCRIPT)
     result = run_training(cmd, check=False)
     assert result.returncode != 0
@@ -59,7 +59,7 @@ def test_vocab_size_must_match_the_symbol_table(small_corpus, tmp_path, monkeypa
     overrides = _overrides(small_corpus, 5)
     vocab = overrides["model.vocab_size"] + 1
     cmd = train_cmd(small_corpus, tmp_path, "ds_configs/zero0_cpu.json",
-                    {**overrides, "model.moe.ep_size": 1, "model.vocab_size": vocab}, 0, launcher="python")
+                    {**overrides, "parallel.ep_size": 1, "model.vocab_size": vocab}, 0, launcher="python")
     result = run_training(cmd, check=False)
     assert result.returncode != 0
     assert f"model.vocab_size is {vocab}, but the symbol table" in result.stderr

@@ -21,7 +21,7 @@ STEPS = 6
 
 
 def _overrides(corpus, max_steps: int) -> dict:
-    return {**SMALL_MODEL, **data_overrides(corpus), "model.moe.ep_size": 2, "train.max_steps": max_steps,
+    return {**SMALL_MODEL, **data_overrides(corpus), "parallel.ep_size": 2, "train.max_steps": max_steps,
             "train.log_interval": 1, "train.warmup_steps": 3, "train.decay": "noam", "train.checkpoint_interval": 2}
 
 

@@ -19,7 +19,7 @@ STEPS = 3
 
 
 def _overrides(corpus, ep_size: int = 2, max_steps: int = STEPS, **extra) -> dict:
-    return {**SMALL_MODEL, **data_overrides(corpus), "model.moe.ep_size": ep_size, "train.max_steps": max_steps,
+    return {**SMALL_MODEL, **data_overrides(corpus), "parallel.ep_size": ep_size, "train.max_steps": max_steps,
             "train.log_interval": 1, "train.warmup_steps": 2, "train.checkpoint_interval": 1, **extra}
 
 

@@ -25,7 +25,7 @@ SHORT = "filtered: frames out of range"
 def test_cv_loss_falls_on_real_audio(tmp_path_factory):
     corpus = build_corpus(tmp_path_factory.mktemp("fsdd"), range(0, 30), range(45, 47), 50)
     out = tmp_path_factory.mktemp("train")
-    overrides = {**SMALL_MODEL, **data_overrides(corpus, max_frames=1500), "model.moe.ep_size": 2,
+    overrides = {**SMALL_MODEL, **data_overrides(corpus, max_frames=1500), "parallel.ep_size": 2,
                  "data.filters.min_frames": 20,  # about 1% of these recordings are shorter
                  "train.max_steps": 240, "train.lr": 0.004, "train.warmup_steps": 40, "train.log_interval": 20}
     console = run_training(train_cmd(corpus, out, "ds_configs/zero1_cpu.json", overrides, 29651), timeout=600).stdout

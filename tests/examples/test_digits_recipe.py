@@ -65,7 +65,7 @@ def test_every_stage_leaves_its_outputs(recipe):
     # The run recorded the symbol table's size as its vocabulary (the config says `auto`).
     trained = load_model(exp / "avg2.pt")
     assert trained.config.model.vocab_size == trained.tokenizer.vocab_size == len(words)
-    assert trained.config.model.moe.num_experts == 8 and trained.config.model.moe.ep_size == 2
+    assert trained.config.model.moe.num_experts == 8 and trained.config.parallel.ep_size == 2
     assert len(json.loads((exp / "checkpoints" / "checkpoints.json").read_text())) >= 2
     assert (exp / "loss_curves.png").stat().st_size > 0 and (exp / "expert_load.png").stat().st_size > 0
 

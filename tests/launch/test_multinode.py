@@ -42,7 +42,7 @@ BIN = Path(sys.executable).parent  # deepspeed, torchrun
 
 
 def _overrides(corpus: Corpus, max_steps: int, checkpoint_interval: int = STEPS) -> dict:
-    return {**SMALL_MODEL, **data_overrides(corpus), "model.moe.ep_size": 2, "train.max_steps": max_steps,
+    return {**SMALL_MODEL, **data_overrides(corpus), "parallel.ep_size": 2, "train.max_steps": max_steps,
             "train.log_interval": 1, "train.warmup_steps": 3, "train.checkpoint_interval": checkpoint_interval}
 
 

@@ -172,9 +172,6 @@ def test_moe_config_rules_name_the_key():
 
     for kwargs, message in [({"impl": "megablocks"}, "impl: 'megablocks' is not one of"),
                             ({"num_experts": 1, "top_k": 2}, "top_k: must be in"),
-                            ({"ep_size": 3}, "ep_size: must divide"),
-                            ({"ep_size": 2, "impl": "loop"}, "ep_size: expert parallelism .* needs impl: grouped"),
-                            ({"impl": "deepspeed", "top_k": 1}, "impl: deepspeed is a comparison path"),
-                            ({"impl": "deepspeed", "ep_size": 2}, "ep_size: expert parallelism")]:
+                            ({"impl": "deepspeed", "top_k": 1}, "impl: deepspeed is a comparison path")]:
         with pytest.raises(ConfigError, match=message):
             MoEConfig(**kwargs)

@@ -60,7 +60,7 @@ def test_a_router_from_its_own_file_trains_on_two_expert_parallel_ranks_exports_
         small_corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     run = tmp_path / "run"
-    overrides = {**SMALL_MODEL, **data_overrides(small_corpus), "model.moe.router": HASH, "model.moe.ep_size": 2,
+    overrides = {**SMALL_MODEL, **data_overrides(small_corpus), "model.moe.router": HASH, "parallel.ep_size": 2,
                  "train.max_steps": 2, "train.max_epochs": 1, "train.log_interval": 1}
     run_training(train_cmd(small_corpus, run, "ds_configs/zero1_cpu.json", overrides, 29641))
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -245,7 +245,7 @@ def test_average_decodes_the_mean_of_the_best_checkpoints(wavs, tmp_path, monkey
         monkeypatch.delenv(var, raising=False)
     corpus = build_corpus(tmp_path / "corpus", range(0, 1), range(45, 46), 20)
     run = tmp_path / "run"
-    overrides = {**SMALL_MODEL, **data_overrides(corpus), "model.moe.ep_size": 1, "train.max_epochs": 2,
+    overrides = {**SMALL_MODEL, **data_overrides(corpus), "parallel.ep_size": 1, "train.max_epochs": 2,
                  "train.warmup_steps": 1, "train.log_interval": 1}
     run_training(train_cmd(corpus, run, "ds_configs/zero0_cpu.json", overrides, 0, launcher="python"))
     best = run_checkpoints(run, 2, "best")
