@@ -52,7 +52,7 @@ from moe_asr.decode.streaming import StreamingRecognizer
 from moe_asr.engine.config import ConfigError, load_config
 from moe_asr.model.u2pp import U2PPModel, build_model
 from moe_asr.moe.router import Router
-from moe_asr.tools.bench_onnx import RUNTIME, OnnxEncoder, OnnxMismatch, check_equal
+from moe_asr.export.onnx_runtime import RUNTIME, OnnxEncoder, OnnxMismatch, check_equal
 
 MODES = ("encoder", "ctc_greedy_search", "ctc_prefix_beam_search", "attention_rescoring")
 

@@ -9,7 +9,7 @@ import torch
 from moe_asr.cli import main
 from moe_asr.model.u2pp import build_model
 from moe_asr.tools import bench_rtf
-from moe_asr.tools.bench_onnx import check_equal
+from moe_asr.export.onnx_runtime import check_equal
 from moe_asr.tools.bench_rtf import WeightReads
 from tests.helpers import tiny_config
 

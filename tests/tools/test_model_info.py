@@ -4,7 +4,7 @@ from pathlib import Path
 
 from moe_asr.cli import main
 from moe_asr.model.u2pp import build_model
-from moe_asr.tools.model_info import count_parameters
+from moe_asr.model.parameters import count_parameters
 from tests.helpers import tiny_config
 
 CONF = Path(__file__).resolve().parents[2] / "conf"

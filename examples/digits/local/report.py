@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 from moe_asr.checkpoint import read_model_state
-from moe_asr.tools.model_info import count_parameters
+from moe_asr.model.parameters import count_parameters
 
 CHUNKS = ("full", "16", "8")
 HEADLINE = "attention_rescoring"
