@@ -271,7 +271,7 @@ def throughput(shard_list: str, units: str, repeats: int) -> dict:
 
 def trainer_wait(shard_list: str, units: str, train_config: str, steps: int, num_workers: int) -> dict:
     """Train the config's model on the loader's batches; time spent blocked on the loader vs the steps."""
-    from moe_asr.engine.config import load_config
+    from moe_asr.run.config import load_config
     from moe_asr.model.u2pp import build_model
     torch.manual_seed(0)
     cfg = replace(bench_config(shard_list, units), num_workers=num_workers)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moe_asr.engine.config import load_config
+from moe_asr.run.config import load_config
 from moe_asr.model.u2pp import U2PPModel, build_model
 
 KINDS = ("subsampling", "attention", "conv", "ffn")

@@ -23,7 +23,7 @@ import yaml
 
 from moe_asr.checkpoint import read_model_state
 from moe_asr.engine.checkpoint import LATEST, Checkpointer
-from moe_asr.engine.config import ConfigError, ExperimentConfig, save_config
+from moe_asr.run.config import ConfigError, ExperimentConfig, save_config
 from moe_asr.engine.fingerprint import ResumeRefused, check_resume, fingerprint
 from moe_asr.engine.training_state import TrainingState, apply_training_state
 from moe_asr.model.config import COMPUTE_KEYS, model_differences

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_asr.engine.config import ConfigError, load_config, save_config
+from moe_asr.run.config import ConfigError, load_config, save_config
 from moe_asr.model.u2pp import build_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from moe_asr.data.tokenizer import Tokenizer
 from moe_asr.engine.checkpoint import LATEST, MANIFEST
-from moe_asr.engine.config import ExperimentConfig, load_config
+from moe_asr.run.config import ExperimentConfig, load_config
 from moe_asr.engine.deepspeed_moe import MODEL_FILE, load_file, read_deepspeed_model
 from moe_asr.model.u2pp import U2PPModel, build_model
 from moe_asr.schema import ConfigError, from_dict, to_dict

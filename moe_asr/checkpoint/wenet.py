@@ -24,7 +24,7 @@ import yaml
 from torch import Tensor
 
 from moe_asr.data.tokenizer import Tokenizer, read_symbol_table
-from moe_asr.engine.config import ExperimentConfig
+from moe_asr.run.config import ExperimentConfig
 from moe_asr.model.cmvn import GlobalCMVN
 from moe_asr.model.u2pp import build_model
 from moe_asr.schema import ConfigError, from_dict

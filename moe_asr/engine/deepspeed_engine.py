@@ -14,7 +14,7 @@ from pathlib import Path
 import deepspeed
 import torch
 
-from moe_asr.engine.config import ConfigError, ExperimentConfig, TrainConfig, precision, zero_stage
+from moe_asr.run.config import ConfigError, ExperimentConfig, TrainConfig, precision, zero_stage
 from moe_asr.engine.deepspeed_moe import load_file, prepare_moe_layers
 from moe_asr.engine.distributed import DistInfo
 from moe_asr.engine.optim import build_optimizer, build_scheduler

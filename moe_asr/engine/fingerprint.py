@@ -23,7 +23,7 @@ from typing import Any
 
 from moe_asr import __version__
 from moe_asr.data.tokenizer import Tokenizer
-from moe_asr.engine.config import ExperimentConfig, precision, zero_stage
+from moe_asr.run.config import ExperimentConfig, precision, zero_stage
 from moe_asr.model.config import comparable
 from moe_asr.schema import flatten, to_dict
 

@@ -25,7 +25,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from moe_asr.engine.config import ExperimentConfig
+from moe_asr.run.config import ExperimentConfig
 from moe_asr.data.batch import Batch
 from moe_asr.data.loader import AsrDataLoader
 from moe_asr.data.stats import SKIP_REASONS

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from moe_asr.engine.config import TrainConfig
+from moe_asr.run.config import TrainConfig
 from moe_asr.engine.deepspeed_moe import copies, is_expert_param, split_moe_param_groups
 
 

@@ -49,7 +49,7 @@ import torch
 from moe_asr.checkpoint import load_model
 from moe_asr.decode import decode
 from moe_asr.decode.streaming import StreamingRecognizer
-from moe_asr.engine.config import ConfigError, load_config
+from moe_asr.run.config import ConfigError, load_config
 from moe_asr.model.u2pp import U2PPModel, build_model
 from moe_asr.moe.router import Router
 from moe_asr.export.onnx_runtime import RUNTIME, OnnxEncoder, OnnxMismatch, check_equal

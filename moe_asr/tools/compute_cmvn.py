@@ -15,7 +15,7 @@ from moe_asr.data.cmvn import compute_cmvn, save_cmvn
 from moe_asr.data.config import DataConfig
 from moe_asr.data.shards import check_shards_exist, read_shard_list
 from moe_asr.data.stats import skip_summary
-from moe_asr.engine.config import load_config
+from moe_asr.run.config import load_config
 from moe_asr.schema import from_dict
 
 

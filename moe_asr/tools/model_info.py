@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from moe_asr.engine.config import ConfigError, load_config, resolve_vocabulary
+from moe_asr.run.config import ConfigError, load_config, resolve_vocabulary
 from moe_asr.model.config import AUTO
 from moe_asr.model.parameters import count_parameters
 

@@ -14,7 +14,7 @@ from torch import nn
 from moe_asr.data.feature_batches import feature_batches
 from moe_asr.data.sources import wav_files
 from moe_asr.decode import decode
-from moe_asr.engine.config import ExperimentConfig
+from moe_asr.run.config import ExperimentConfig
 
 FSDD = Path(__file__).resolve().parents[2] / "../shared/data/fsdd/recordings"
 WAVS = [FSDD / f"{digit}_george_{i}.wav" for digit in (0, 3, 7) for i in (0, 1)]  # a speaker never trained on

@@ -12,7 +12,7 @@ from moe_asr.checkpoint.average import average, run_checkpoints
 from moe_asr.checkpoint.convert import upcycle
 from moe_asr.data.config import TokenizerConfig
 from moe_asr.data.tokenizer import Tokenizer
-from moe_asr.engine.config import ExperimentConfig
+from moe_asr.run.config import ExperimentConfig
 from moe_asr.model.u2pp import build_model
 from moe_asr.schema import to_dict
 from tests.helpers import tiny_config

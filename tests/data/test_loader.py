@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from moe_asr.engine.config import ExperimentConfig
+from moe_asr.run.config import ExperimentConfig
 from moe_asr.data.audio import encode_audio
 from moe_asr.data.batching import dynamic_batches
 from moe_asr.data.config import DataConfig

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from moe_asr.engine.config import ConfigError, TrainConfig
+from moe_asr.run.config import ConfigError, TrainConfig
 from moe_asr.engine.deepspeed_engine import deepspeed_config
 from moe_asr.engine.deepspeed_moe import gather_experts, prepare_moe_layers
 from moe_asr.engine.optim import WarmupDecay, param_groups

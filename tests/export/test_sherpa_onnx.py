@@ -33,7 +33,7 @@ from moe_asr.data.features import Fbank, resample
 from moe_asr.data.kaldi_text import read_table
 from moe_asr.data.tokenizer import Tokenizer, read_symbol_table
 from moe_asr.decode import decode
-from moe_asr.engine.config import ExperimentConfig
+from moe_asr.run.config import ExperimentConfig
 from moe_asr.model.config import DecoderConfig, EncoderConfig, ModelConfig
 from moe_asr.model.u2pp import build_model
 from moe_asr.moe.config import MoEConfig

@@ -33,7 +33,7 @@ from moe_asr.data.shards import SHARD_LIST, read_shard_list, write_shards
 from moe_asr.data.sources import wav_files
 from moe_asr.data.tokenizer import Tokenizer, read_symbol_table
 from moe_asr.decode import METHODS, decode
-from moe_asr.engine.config import ExperimentConfig
+from moe_asr.run.config import ExperimentConfig
 from moe_asr.model.config import DecoderConfig, EncoderConfig, ModelConfig
 from moe_asr.model.u2pp import build_model
 from moe_asr.moe.config import MoEConfig

@@ -2,8 +2,9 @@
 
 ``ExperimentConfig`` composes the sections, each a dataclass beside the code
 that uses it (``data/config.py``, ``model/config.py``, ``moe/config.py``); it
-lives here because the engine is what runs an experiment, so nothing below
-the engine needs to know the whole config.
+lives with the run folder's format because a run's ``train.yaml`` is one, read
+back by everything after training without the engine, and nothing below needs
+to know the whole config.
 
 Train section: how long, how fast, how often to save and log. Parallel
 section: how the model is laid out over ranks (the model never sees it).
