@@ -1,7 +1,8 @@
 """`moe-asr recognize` on real FSDD audio writes what `decode()` gives on independently computed features.
 
-A small random model (sharpened so that it says something) with CMVN over the
-test audio is saved as a consolidated file. The expected transcripts come from
+A small random model, its output layers set by hand so that it says something
+different for each utterance and other things with a chunked context, with CMVN
+over the test audio, is saved as a consolidated file. The expected transcripts come from
 torchaudio's own resampling and Kaldi fbank (no dither) and one `decode()` call
 per utterance; the tool reads WAV paths, a wav.scp or shards, sorts and batches
 the utterances, and must write the same text for every mode.
@@ -17,11 +18,10 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio
+from torch.nn.utils.rnn import pad_sequence
 from torchaudio.compliance import kaldi
 
-from moe_asr.checkpoint import load_model, save_model
-from moe_asr.checkpoint.average import average, run_checkpoints
-from moe_asr.checkpoint.load import build_trained_model
+from moe_asr.checkpoint import load_model, read_model_state, save_model
 from moe_asr.cli import main
 from moe_asr.data.cmvn import compute_cmvn, save_cmvn
 from moe_asr.data.config import DataConfig, FeatureConfig, TokenizerConfig
@@ -33,10 +33,14 @@ from moe_asr.data.shards import SHARD_LIST, read_shard_list, write_shards
 from moe_asr.data.sources import wav_files
 from moe_asr.data.tokenizer import Tokenizer, read_symbol_table
 from moe_asr.decode import METHODS, decode
+from moe_asr.engine.checkpoint import INDEX
 from moe_asr.run.config import ExperimentConfig
 from moe_asr.model.config import DecoderConfig, EncoderConfig, ModelConfig
+from moe_asr.model.targets import add_sos_eos
 from moe_asr.model.u2pp import build_model
 from moe_asr.moe.config import MoEConfig
+from moe_asr.symbols import IGNORE_ID
+from moe_asr.tools import recognize as recognize_tool
 from tests.engine.conftest import (DIGITS, FSDD, SMALL_MODEL, UNITS, build_corpus, data_overrides, run_training,
                                    train_cmd)
 
@@ -64,8 +68,17 @@ def shards(wavs, tmp_path_factory) -> Path:
     return out / SHARD_LIST
 
 
+def _centre(layer: torch.nn.Linear, hidden: torch.Tensor, seed: int) -> None:
+    """Unit-variance random weights and the bias that cancels the mean of ``hidden``: a random model's states
+    share one large component, and logits that follow it say the same token for everything."""
+    layer.weight.copy_(torch.randn(layer.weight.shape, generator=torch.Generator().manual_seed(seed)))
+    layer.bias.copy_(-layer.weight @ hidden.mean(0))
+
+
 @pytest.fixture(scope="module")
-def model_file(shards, tmp_path_factory) -> Path:
+def model_file(wavs, shards, tmp_path_factory) -> Path:
+    """A random model that says different things for different utterances, and other things again with
+    a chunked or a shorter left context (the tests check it does)."""
     root = tmp_path_factory.mktemp("model")
     units = root / "units.txt"
     units.write_text("".join(f"{t} {i}\n" for i, t in enumerate(UNITS)))
@@ -77,16 +90,25 @@ def model_file(shards, tmp_path_factory) -> Path:
                                             cnn_module_kernel=5),
                       decoder=DecoderConfig(attention_heads=2, linear_units=48, num_blocks=1, r_num_blocks=1),
                       moe=MoEConfig(num_experts=4, top_k=2))
-    model = build_model(cfg)
-    with torch.no_grad():  # a random model mostly says nothing; sharper logits give several tokens
-        model.ctc.ctc_lo.weight.mul_(6.0)
-        model.ctc.ctc_lo.bias[0] -= 2.0
-        for dec in (model.decoder.left_decoder, model.decoder.right_decoder):
-            dec.output_layer.weight.mul_(4.0)
-            dec.output_layer.bias[model.eos] -= 3.0
-    config = ExperimentConfig(model=cfg, data=data)
+    model = build_model(cfg).eval()
     tokenizer = Tokenizer(data.tokenizer, read_symbol_table(units))
-    return save_model(root / "model.pt", model.state_dict(), config, tokenizer)
+    feats = [_features(p, data.features) for p in wavs.values()]
+    targets = [torch.tensor(tokenizer.encode(_word(k))) for k in wavs]
+    with torch.no_grad():
+        for layer in model.encoder.encoders:  # attention that weighs: what a chunk sees changes its output
+            layer.self_attn.linear_out.weight.mul_(3.0)
+        memory, mask = model.encode(pad_sequence(feats, batch_first=True), torch.tensor([len(f) for f in feats]),
+                                    chunk_size=-1)
+        _centre(model.ctc.ctc_lo, memory[mask.squeeze(1)], seed=1)
+        ys_in, _ = add_sos_eos(pad_sequence(targets, batch_first=True, padding_value=IGNORE_ID), model.sos, model.eos)
+        ys_lens = torch.tensor([len(t) + 1 for t in targets])
+        for seed, dec in enumerate((model.decoder.left_decoder, model.decoder.right_decoder), start=2):
+            hidden = []  # the states the output layer sees, teacher-forced on the transcripts
+            hook = dec.output_layer.register_forward_pre_hook(lambda module, args: hidden.append(args[0]))
+            dec(memory, mask, ys_in, ys_lens)
+            hook.remove()
+            _centre(dec.output_layer, hidden[0][torch.arange(ys_in.shape[1]) < ys_lens[:, None]], seed)
+    return save_model(root / "model.pt", model.state_dict(), ExperimentConfig(model=cfg, data=data), tokenizer)
 
 
 def _features(path: Path, cfg: FeatureConfig) -> torch.Tensor:
@@ -132,13 +154,11 @@ def test_every_mode_writes_what_decode_gives(kind, model_file, wavs, shards, exp
     out = tmp_path / "out"
     # 300 frames: the six utterances (67..89 frames) come in several padded batches.
     assert _recognize(model_file, out, *inputs, "--mode", ",".join(METHODS), "--batch-frames", "300") == 0
-    said = set()
     for m in METHODS:
         lines = (out / m / "text").read_text().splitlines()
         assert [ln.split()[0] for ln in lines] == sorted(KEYS), "one line per utterance, sorted by key"
         assert read_table(out / m / "text") == expected[m], m
-        said |= set(expected[m].values())
-    assert len(said) > 3, f"the model should say different things: {said}"
+        assert len(set(expected[m].values())) >= 4, f"{m}: the model should say different things: {expected[m]}"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["utterances"] == len(KEYS) and summary["skipped"] == 0
     assert summary["audio_seconds"] == pytest.approx(sum(sf.info(str(p)).duration for p in wavs.values()))
@@ -213,9 +233,12 @@ def test_chunked_and_streaming_results_sit_beside_full_context(model_file, wavs,
     assert dirs == ["attention_rescoring", "attention_rescoring_chunk4_left1", "attention_rescoring_chunk4_streaming",
                     "ctc_greedy_search", "ctc_greedy_search_chunk4_left1", "ctc_greedy_search_chunk4_streaming"]
     modes = ("ctc_greedy_search", "attention_rescoring")
+    full = _expected(model_file, wavs, modes)
     chunked = _expected(model_file, wavs, modes, chunk_size=4, num_left_chunks=1)
     streamed = _expected(model_file, wavs, modes, chunk_size=4, streaming=True)
-    for m in modes:
+    for m in modes:  # else a tool that ignored --chunk-size or --num-left-chunks would pass
+        assert chunked[m] != full[m] and streamed[m] != chunked[m], (full[m], chunked[m], streamed[m])
+        assert read_table(out / m / "text") == full[m], m
         assert read_table(out / f"{m}_chunk4_left1" / "text") == chunked[m], m
         assert read_table(out / f"{m}_chunk4_streaming" / "text") == streamed[m], m
 
@@ -238,25 +261,43 @@ def test_input_and_model_errors_are_one_line(model_file, wavs, tmp_path, capsys)
         assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, (args, err)
 
 
+def _assert_mean(state: dict[str, torch.Tensor], sources: list[dict[str, torch.Tensor]]) -> None:
+    """``state`` is the element-wise mean of ``sources`` (integer buffers: the first source's)."""
+    assert state.keys() == sources[0].keys()
+    for key, value in state.items():
+        if value.is_floating_point():
+            mean = sum(s[key].double() for s in sources) / len(sources)
+            torch.testing.assert_close(value.double(), mean, rtol=0, atol=1e-5, msg=key)
+        else:
+            assert torch.equal(value, sources[0][key]), key
+
+
 @pytest.mark.slow
 def test_average_decodes_the_mean_of_the_best_checkpoints(wavs, tmp_path, monkeypatch):
-    """Two epochs of real training leave two checkpoints with a CV loss; --average 2 decodes their mean."""
+    """Two epochs of real training leave two checkpoints with a CV loss: `recognize --average 2` decodes
+    with, and `convert average --run --best 2` writes, the mean of the two, read here one by one."""
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     corpus = build_corpus(tmp_path / "corpus", range(0, 1), range(45, 46), 20)
     run = tmp_path / "run"
-    overrides = {**SMALL_MODEL, **data_overrides(corpus), "parallel.ep_size": 1, "train.max_epochs": 2,
+    overrides = {**SMALL_MODEL, **data_overrides(corpus), "model.moe.ep_size": 1, "train.max_epochs": 2,
                  "train.warmup_steps": 1, "train.log_interval": 1}
     run_training(train_cmd(corpus, run, "ds_configs/zero0_cpu.json", overrides, 0, launcher="python"))
-    best = run_checkpoints(run, 2, "best")
-    ms = average(best)
-    model, tokenizer = build_trained_model(ms).eval(), ms.tokenizer
-    expected = {}
-    for key, path in wavs.items():
-        feats = _features(path, ms.config.data.features)
-        hyp = decode(model, feats[None], torch.tensor([feats.shape[0]]), ["attention_rescoring"], beam_size=BEAM)
-        expected[key] = tokenizer.decode(hyp["attention_rescoring"][0].tokens)
+    index = json.loads((run / "checkpoints" / INDEX).read_text())
+    best = [run / "checkpoints" / c["tag"] for c in sorted((c for c in index if c["cv_loss"] is not None),
+                                                            key=lambda c: c["cv_loss"])[:2]]
+    states = [read_model_state(p).state for p in best]
+    assert len(states) == 2 and max(float((a - states[1][k]).abs().max()) for k, a in states[0].items()
+                                    if a.is_floating_point()) > 1e-3, "the two checkpoints should differ"
+
+    decoded_with = []
+    monkeypatch.setattr(recognize_tool, "decode", lambda model, *a, **kw: decoded_with.append(model) or
+                        decode(model, *a, **kw))
     out = tmp_path / "out"
     assert _recognize(run, out, *[str(p) for p in wavs.values()], "--average", "2") == 0
-    assert read_table(out / "attention_rescoring" / "text") == expected
     assert json.loads((out / "summary.json").read_text())["checkpoints"] == [str(p) for p in best]
+    assert decoded_with and all(m is decoded_with[0] for m in decoded_with)
+    _assert_mean(decoded_with[0].state_dict(), states)
+
+    assert main(["convert", "average", "--run", str(run), "--best", "2", "-o", str(tmp_path / "avg.pt")]) == 0
+    _assert_mean(read_model_state(tmp_path / "avg.pt").state, states)
