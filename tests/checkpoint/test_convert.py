@@ -10,6 +10,7 @@ import yaml
 from moe_asr.checkpoint import load_model, read_model_state, save_model
 from moe_asr.checkpoint.average import average, run_checkpoints
 from moe_asr.checkpoint.convert import upcycle
+from moe_asr.cli import main
 from moe_asr.data.config import TokenizerConfig
 from moe_asr.data.tokenizer import Tokenizer
 from moe_asr.run.config import ExperimentConfig
@@ -47,6 +48,17 @@ def test_average_is_the_mean_of_the_tensors(tmp_path):
             assert torch.equal(value, states[0][key]), key  # the first source's
     assert any(k.endswith("num_batches_tracked") for k in ms.state)
     assert ms.extra["averaged"] == [str(p) for p in paths]
+
+
+def test_convert_average_writes_the_mean_of_the_named_checkpoints(tmp_path):
+    paths, models = zip(*(_saved(tmp_path / f"m{i}.pt", i) for i in range(3)))
+    out = tmp_path / "avg.pt"
+    assert main(["convert", "average", *map(str, paths), "-o", str(out)]) == 0
+    states = [m.state_dict() for m in models]
+    written = read_model_state(out).state
+    assert written.keys() == states[0].keys()
+    for key, value in written.items():
+        torch.testing.assert_close(value, sum(s[key] for s in states) / 3, rtol=0, atol=1e-5, msg=key)
 
 
 def test_average_refuses_different_models(tmp_path):
