@@ -1,9 +1,9 @@
 """Training entry point: `deepspeed launch/train.py --config conf/X.yaml --deepspeed_config ds_configs/Y.json`.
 
 Also runs under `torchrun` and as a plain `python launch/train.py ...`; see docs/training.md.
-A mistake the user can fix (config, a refused resume, a damaged checkpoint, a
-run that diverged) ends with its one-line message on every rank; `--debug`
-shows the traceback.
+A mistake the user can fix (config, a refused resume, a damaged or refused
+checkpoint, a run that diverged) ends with its one-line message on every rank;
+`--debug` shows the traceback.
 """
 import sys
 from datetime import timedelta
@@ -14,13 +14,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import torch.distributed as dist  # noqa: E402
 
 from moe_asr.engine.checkpoint import CheckpointError  # noqa: E402
+from moe_asr.engine.deepspeed_moe import CheckpointFileError  # noqa: E402
 from moe_asr.run.config import ConfigError  # noqa: E402
 from moe_asr.engine.fingerprint import ResumeRefused  # noqa: E402
 from moe_asr.engine.loop import NonFiniteError  # noqa: E402
 from moe_asr.train import main  # noqa: E402
 
 USER_ERRORS = {ConfigError: "config error", ResumeRefused: "resume refused", CheckpointError: "checkpoint error",
-               NonFiniteError: "training stopped"}
+               CheckpointFileError: "checkpoint error", NonFiniteError: "training stopped"}
 
 
 def stop(message: str) -> None:

@@ -13,8 +13,9 @@ What a path may be:
 
 DeepSpeed writes the model in pieces (``mp_rank_00_model_states.pt`` without
 experts, one file per global expert); ``engine.deepspeed_moe`` owns that
-layout and reads it back with plain ``torch.load``, so ZeRO stage and
-ep_size do not matter here: model weights are whole in those files for ZeRO 0-2.
+layout and reads it back with its ``load_file`` (weights and plain data only,
+never code from the file), so ZeRO stage and ep_size do not matter here: model
+weights are whole in those files for ZeRO 0-2.
 """
 from __future__ import annotations
 

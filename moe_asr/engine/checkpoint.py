@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moe_asr.engine.deepspeed_moe import load_file
+
 LATEST = "latest"
 INDEX = "checkpoints.json"
 MANIFEST = "manifest.json"
@@ -207,4 +209,4 @@ class Checkpointer:
         if not state_file.is_file():
             raise FileNotFoundError(f"{state_file} is missing: the checkpoint was written by fewer ranks "
                                     f"(resume needs the same number of ranks)")
-        return torch.load(state_file, weights_only=False)
+        return load_file(state_file)
