@@ -6,6 +6,7 @@ start a worker and die, and checks that the worker, now re-parented, is gone.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -32,9 +33,12 @@ def _wait_gone(proc: Proc, seconds: float) -> bool:
     return False
 
 
-def _run_rank(script: str, tmp_path: Path) -> Proc | None:
-    """Run ``script`` as the rank; it writes the worker's pid to ``worker.pid`` and dies. None: the worker is gone."""
-    subprocess.run([sys.executable, "-c", textwrap.dedent(script), str(tmp_path)], check=False, timeout=60)
+def _run_rank(script: str, tmp_path: Path, status: int) -> Proc | None:
+    """Run ``script`` as the rank; it writes the worker's pid to ``worker.pid`` and ends with ``status`` (minus
+    the signal when killed), not by an exception. None: the worker is gone."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script), str(tmp_path)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == status, f"the rank ended with {done.returncode}, not {status}:\n{done.stderr[-3000:]}"
     pid_file = tmp_path / "worker.pid"
     end = time.monotonic() + 10
     while not pid_file.is_file() or not pid_file.read_text().strip():
@@ -62,7 +66,7 @@ def test_worker_of_a_killed_rank_ends_at_once(tmp_path: Path) -> None:
         while not (Path(sys.argv[1]) / "worker.pid").is_file():
             time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGKILL)
-    """, tmp_path)
+    """, tmp_path, -signal.SIGKILL)
     try:
         assert worker is None or _wait_gone(worker, 5), "the worker outlived its killed rank"
     finally:
@@ -74,7 +78,7 @@ def test_worker_forked_as_its_rank_died_exits(tmp_path: Path) -> None:
     # The race the parent-death signal alone misses: the rank is gone before the
     # worker's init runs. The stand-in worker waits for that, then runs the init.
     worker = _run_rank("""
-        import os, sys, time
+        import os, sys, time, traceback
         from pathlib import Path
         from moe_asr.lifetime import EndWithParent
 
@@ -83,15 +87,21 @@ def test_worker_forked_as_its_rank_died_exits(tmp_path: Path) -> None:
             while os.getppid() == init.parent:
                 time.sleep(0.01)
             (out / "worker.pid").write_text(str(os.getpid()))
-            init(0)
+            try:
+                init(0)
+            except BaseException:
+                (out / "raised").write_text(traceback.format_exc())
+                os._exit(3)
             (out / "survived").write_text("init returned")
             time.sleep(120)
             os._exit(0)
         os._exit(0)
-    """, tmp_path)
+    """, tmp_path, 0)
     try:
         assert worker is None or _wait_gone(worker, 5), "the worker outlived its rank"
         assert not (tmp_path / "survived").exists()
+        assert not (tmp_path / "raised").exists(), f"init raised instead of ending the worker:\n" \
+                                                   f"{(tmp_path / 'raised').read_text()}"
     finally:
         if worker is not None and alive(worker):
             os.kill(worker[0], 9)
