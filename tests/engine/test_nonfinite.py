@@ -1,11 +1,13 @@
 """Non-finite losses and gradients skip steps on every rank, are counted, and too many in a row stop training."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
+from moe_asr.engine.checkpoint import INDEX
 from moe_asr.engine.deepspeed_moe import read_deepspeed_model
 from tests.engine.conftest import (REPO, SMALL_MODEL, data_overrides, read_metrics,
                                    run_training, train_cmd)
@@ -24,16 +26,21 @@ def test_nonfinite_steps_are_skipped_and_counted(small_corpus, tmp_path, monkeyp
     # Rank 1 only: losses of micro-batches 2 and 3 are NaN, the gradient of micro-batch 5 is NaN.
     monkeypatch.setenv("POISON_LOSS", "2,3")
     monkeypatch.setenv("POISON_GRAD", "5")
-    cmd = train_cmd(small_corpus, tmp_path, f"ds_configs/zero{stage}_cpu.json", _overrides(small_corpus, 5), port,
-                    script=SCRIPT)
-    run_training(cmd)
+    overrides = {**_overrides(small_corpus, 5), "train.checkpoint_interval": 1, "train.keep_checkpoints": 10}
+    run_training(train_cmd(small_corpus, tmp_path, f"ds_configs/zero{stage}_cpu.json", overrides, port,
+                           script=SCRIPT))
     train = [r for r in read_metrics(tmp_path) if "loss" in r]
-    # 7 micro-batches: 2 dropped before backward, 5 optimizer steps of which one (micro-batch 5) skipped.
+    # 7 micro-batches: 2 dropped before backward, 5 optimizer steps of which one (micro-batch 5, step 3) skipped.
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5]
     assert [r["skipped"] for r in train] == [0, 2, 3, 3, 3]
     assert all(math.isfinite(r["loss"]) for r in train)
-    params = read_deepspeed_model(tmp_path / "checkpoints" / "step_5")
-    assert all(torch.isfinite(v).all() for v in params.values() if v.is_floating_point())
+    index = json.loads((tmp_path / "checkpoints" / INDEX).read_text())
+    tags = {c["step"]: c["tag"] for c in index}  # step_N, or epoch_E where an epoch ended
+    params = {step: read_deepspeed_model(tmp_path / "checkpoints" / tags[step]) for step in range(1, 6)}
+    assert all(torch.isfinite(v).all() for v in params[5].values() if v.is_floating_point())
+    changed = [[k for k, v in params[step].items() if not torch.equal(v, params[step - 1][k])] for step in (2, 3, 4)]
+    assert changed[0] and changed[2], "steps 2 and 4 update the weights"
+    assert changed[1] == [], f"the skipped step 3 changed {changed[1]}"
 
 
 @pytest.mark.slow
