@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_asr.engine.checkpoint import INDEX, LATEST, trainer_state_file
+from moe_asr.engine.checkpoint import INDEX, LATEST, MANIFEST, Checkpointer, trainer_state_file
 from tests.engine.conftest import REPO, SMALL_MODEL, data_overrides, train_cmd
 from tests.processes import Proc, alive, process, stat
 
@@ -48,12 +48,11 @@ def _rank_of(pid: int) -> str | None:
 
 
 def _wait_for_training(out: Path, top: subprocess.Popen, console: Path) -> None:
-    """Until the first train record is in metrics.jsonl: the ranks are training."""
+    """Until a first checkpoint is committed: the ranks are training and have saved."""
     deadline = time.monotonic() + START_WITHIN_S
-    metrics = out / "metrics.jsonl"
-    while not (metrics.is_file() and '"loss"' in metrics.read_text()):
+    while not (out / "checkpoints" / LATEST).is_file():
         if top.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"training did not start (exit {top.poll()}):\n{console.read_text()[-4000:]}")
+            pytest.fail(f"no checkpoint committed (exit {top.poll()}):\n{console.read_text()[-4000:]}")
         time.sleep(0.5)
 
 
@@ -82,11 +81,13 @@ def test_ranks_end_with_their_launcher(small_corpus, tmp_path, launcher, sig, po
         left = [pid for pid, start in procs if alive((pid, start))]
         assert not left, f"still running {GONE_WITHIN_S} s after the launcher died: {left}\n" \
                          f"{console.read_text()[-4000:]}"
-        root = out / "checkpoints"
-        if (root / LATEST).is_file():  # the newest committed checkpoint is whole, whatever was being saved
-            tag = (root / LATEST).read_text().strip()
-            assert tag in [c["tag"] for c in json.loads((root / INDEX).read_text())]
-            assert all((root / tag / trainer_state_file(r)).is_file() for r in (0, 1)), tag
+        # The newest committed checkpoint is whole, whatever was being saved when the ranks ended.
+        checkpoints = Checkpointer(out / "checkpoints", 5, 0)
+        tag = checkpoints.latest_tag()
+        assert tag in [c["tag"] for c in json.loads((checkpoints.root / INDEX).read_text())]
+        assert all((checkpoints.root / tag / trainer_state_file(r)).is_file() for r in (0, 1)), tag
+        assert (checkpoints.root / tag / MANIFEST).is_file() and checkpoints.resume_point() == tag
+        checkpoints.verify(tag)  # every file as its manifest says
     finally:
         for pid, start in procs:
             if alive((pid, start)):
