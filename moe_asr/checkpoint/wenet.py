@@ -8,6 +8,12 @@ convolution), and picks the two encoder options that reproduce WeNet's
 arithmetic: ``rel_pos_shift: false`` (WeNet's attention scores absolute key
 positions) and ``causal_pad: input`` (WeNet pads the convolution module's input).
 
+WeNet saves its sinusoidal position tables (``pe`` buffers ``[1, 5000, d]``)
+in every checkpoint; ours are computed, so those are checked against WeNet's
+formula and left out. Relative paths in ``train.yaml`` are relative to where
+WeNet trained: each is looked up from the working directory, then beside
+``train.yaml``.
+
 Nothing is guessed: a WeNet option with a value we do not implement, an unknown
 key in a model section, a checkpoint key we do not map, a missing one or a
 shape mismatch is a one-line error that names it.
@@ -26,6 +32,7 @@ from torch import Tensor
 from moe_asr.data.tokenizer import Tokenizer, read_symbol_table
 from moe_asr.run.config import ExperimentConfig
 from moe_asr.model.cmvn import GlobalCMVN
+from moe_asr.model.positional import sinusoid
 from moe_asr.model.u2pp import build_model
 from moe_asr.schema import ConfigError, from_dict
 from moe_asr.symbols import BLANK_ID, LAST, UNK_ID, SosEos
@@ -36,6 +43,9 @@ DENSE, MOE = "position_wise_feed_forward", "moe"
 OTHER_MODELS = ("predictor", "joint_conf", "cif_predictor_conf", "paraformer", "lfmmi_dir")
 # WeNet `speed_perturb: true` draws one of these factors per utterance.
 WENET_SPEEDS = [0.9, 1.0, 1.1]
+# How far a saved position table may stray from the formula: WeNet computes it in float32, where a
+# last-bit difference in exp() between machines moves the angle at position 5000 by about 3e-4.
+PE_TOLERANCE = 1e-3
 
 
 class _Section:
@@ -196,6 +206,14 @@ def _features(top: _Section, input_dim: int) -> dict:
     return features
 
 
+def _beside_yaml(named: str, train_yaml: Path) -> Path:
+    """``named`` from the working directory, else beside ``train.yaml`` (the path as given if neither exists)."""
+    path = Path(named)
+    if path.is_absolute() or path.exists() or not (train_yaml.parent / path).exists():
+        return path
+    return train_yaml.parent / path
+
+
 @dataclass
 class _Cmvn:
     path: Optional[Path]  # the JSON statistics file, if any is named
@@ -206,18 +224,20 @@ def _cmvn(top: _Section, cmvn: Optional[Path]) -> _Cmvn:
     """Where the CMVN statistics live: ``cmvn_conf`` (newer WeNet) or top-level ``cmvn_file`` (older)."""
     kind = top.only("cmvn", "global_cmvn", "global_cmvn", None)
     conf = top.sub("cmvn_conf")
-    named = (conf.get("cmvn_file", None) or top.get("cmvn_file", None)) if kind else None
+    named = conf.get("cmvn_file", None) or top.get("cmvn_file", None)
     is_json = conf.get("is_json_cmvn", top.get("is_json_cmvn", True))
     conf.done()
-    path = cmvn if cmvn is not None else (Path(named) if named else None)
-    return _Cmvn(path, bool(is_json) or cmvn is not None)
+    if cmvn is not None:
+        return _Cmvn(cmvn, True)
+    return _Cmvn(_beside_yaml(named, top.source) if kind and named else None, bool(is_json))
 
 
 def _tokenizer(top: _Section, units: Optional[Path], vocab_size: int) -> tuple[dict, Path, SosEos]:
     """Our ``data.tokenizer``, the symbol table's path and the <sos/eos> id, from ``tokenizer_conf``."""
     kind = top.only("tokenizer", "char", "char", "bpe")
     conf = top.sub("tokenizer_conf")
-    table = units if units is not None else conf.get("symbol_table_path", None)
+    named = conf.get("symbol_table_path", None)
+    table = units if units is not None else _beside_yaml(named, top.source) if named else None
     bpe = conf.get("bpe_path", None)
     conf.only("non_lang_syms_path", None, None)
     conf.only("split_with_space", False, False)
@@ -228,6 +248,9 @@ def _tokenizer(top: _Section, units: Optional[Path], vocab_size: int) -> tuple[d
     if table is None:
         raise ConfigError(f"{top.source}: tokenizer_conf.symbol_table_path is not set: "
                           "pass the units.txt file (--units)")
+    if units is None and not table.is_file():
+        raise conf.error("symbol_table_path", f"{named!r} is found neither from the working directory nor "
+                                              f"beside {top.source.name}: pass the units.txt file (--units)")
     last = vocab_size - 1
     sos, eos = special.get("<sos>", last), special.get("<eos>", last)
     if special.get("<blank>", BLANK_ID) != BLANK_ID or special.get("<unk>", UNK_ID) != UNK_ID or sos != eos:
@@ -315,6 +338,28 @@ def _sources(key: str, config: ExperimentConfig) -> tuple[list[str], bool]:
     return names, m["p"].startswith("w")
 
 
+def _position_tables(wenet: dict[str, Tensor], config: ExperimentConfig, source: Path) -> set[str]:
+    """WeNet's saved sinusoid tables of this model's encoder and decoders, each checked against the formula.
+
+    They are ``[1, max_len, d]`` persistent buffers of WeNet's positional
+    encodings (older WeNet releases do not save them); ours computes them.
+    """
+    decoders = ["decoder.left_decoder", "decoder.right_decoder"] if config.model.decoder.r_num_blocks else ["decoder"]
+    names = [n for n in ("encoder.embed.pos_enc.pe", *(f"{d}.embed.1.pe" for d in decoders)) if n in wenet]
+    d = config.model.encoder.output_size
+    for n in names:
+        table = wenet[n]
+        if table.dim() != 3 or table.shape[0] != 1 or table.shape[2] != d or not table.is_floating_point():
+            raise ValueError(f"{source}: {n} has shape {tuple(table.shape)} ({table.dtype}), a position table "
+                             f"of the model of train.yaml is (1, max_len, {d}) floating point")
+        error = (table[0].float() - sinusoid(torch.arange(table.shape[1]), d)).abs().amax(dim=1)
+        if error.max() > PE_TOLERANCE:
+            row = int((error > PE_TOLERANCE).nonzero()[0])
+            raise ValueError(f"{source}: {n} is not WeNet's sinusoid table: position {row} differs by "
+                             f"{float(error[row]):.3g}")
+    return set(names)
+
+
 def _read_checkpoint(path: Path) -> dict[str, Tensor]:
     """WeNet's ``final.pt`` (a state dict), read without unpickling code: it may come from anywhere."""
     try:
@@ -348,7 +393,7 @@ def _convert_state(wenet: dict[str, Tensor], config: ExperimentConfig, source: P
         value = torch.stack(parts) if stacked else parts[0]
         state[key] = (value.float() if value.is_floating_point() else value).contiguous()
         used.update(names)
-    unmapped = sorted(set(wenet) - used)
+    unmapped = sorted(set(wenet) - used - _position_tables(wenet, config, source))
     if unmapped:
         n = unmapped[0]
         raise ValueError(f"{source}: {n} {tuple(wenet[n].shape)} is not part of the model of train.yaml"

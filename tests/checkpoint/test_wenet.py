@@ -1,12 +1,17 @@
 """A WeNet checkpoint imported by ``import_wenet`` computes what WeNet's equations compute.
 
-The checkpoint, its train.yaml and units.txt are built here in WeNet's layout
-(names, torch Linear/Conv layouts); the reference below is written from WeNet's
-documented equations with torch.nn.functional only (no module of ours): Conv2d
-subsampling, macaron FFN (x1/2, dense or top-k MoE), relative-position MHSA
-scoring absolute key positions (no Transformer-XL shift), causal convolution that
-zero-pads the module's input before pointwise_conv1 + GLU, final FFN (x1/2),
-norms, the CTC log-softmax and the attention decoders.
+The files are those WeNet's training leaves in a recipe tree (``exp/<tag>/``
+``final.pt`` and ``train.yaml``, ``data/dict/lang_char.txt``,
+``data/train/global_cmvn``, relative paths as WeNet writes them), with random
+weights: ``wenet_written/`` holds two train.yaml files WeNet's own train.py
+wrote and a description of its checkpoints (every key, shape and dtype, the
+saved position tables), and the fixture is checked against them. The reference
+below is written from WeNet's documented equations with torch.nn.functional
+only (no module of ours): Conv2d subsampling, macaron FFN (x1/2, dense or top-k
+MoE), relative-position MHSA scoring absolute key positions (no Transformer-XL
+shift), causal convolution that zero-pads the module's input before
+pointwise_conv1 + GLU, final FFN (x1/2), norms, the CTC log-softmax and the
+attention decoders, with positions from the checkpoint's tables as WeNet reads them.
 """
 from __future__ import annotations
 
@@ -20,12 +25,19 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from moe_asr.checkpoint.load import load_model
 from moe_asr.checkpoint.wenet import import_wenet
+from moe_asr.cli import main
 from moe_asr.model.u2pp import build_model
 from moe_asr.schema import ConfigError
+from tests.checkpoint.wenet_written.record import describe
 
 D, HEADS, FF, IDIM, EXPERTS, TOP_K = 16, 2, 24, 20, 4, 2
 TOKENS = list("abcdefg")
+VOCAB = len(TOKENS) + 3  # <blank>, <unk>, <sos/eos>
+MAX_LEN = 5000  # rows of WeNet's saved position tables
+WRITTEN = Path(__file__).parent / "wenet_written"
+CMVN = ("encoder.global_cmvn.mean", "encoder.global_cmvn.istd")
 # (kernel, stride) of WeNet's Conv2dSubsampling4/6/8 and the name of its output Linear.
 SUBSAMPLING = {"conv2d": ([(3, 2), (3, 2)], "out.0"), "conv2d6": ([(3, 2), (5, 3)], "linear"),
                "conv2d8": ([(3, 2), (3, 2), (3, 2)], "linear")}
@@ -69,8 +81,21 @@ def _attention(state: dict, name: str, rel: bool) -> None:
         state[f"{name}.pos_bias_v"] = _w(HEADS, D // HEADS)
 
 
+def wenet_pe() -> torch.Tensor:
+    """The ``[1, MAX_LEN, D]`` table WeNet saves: PE(pos, 2i) = sin(pos / 10000^(2i/D)), PE(pos, 2i+1) = cos(...).
+
+    Evaluated in float32 as WeNet does (``pos * exp(2i * -ln(10000) / D)``), so it is WeNet's to the bit.
+    """
+    angle = torch.arange(MAX_LEN, dtype=torch.float32).unsqueeze(1) * torch.exp(
+        torch.arange(0, D, 2, dtype=torch.float32) * -(math.log(10000.0) / D))
+    pe = torch.zeros(MAX_LEN, D)
+    pe[:, 0::2], pe[:, 1::2] = angle.sin(), angle.cos()
+    return pe.unsqueeze(0)
+
+
 def _decoder(state: dict, name: str, blocks: int, vocab: int, moe: bool) -> None:
     state[f"{name}.embed.0.weight"] = _w(vocab, D)
+    state[f"{name}.embed.1.pe"] = wenet_pe()
     for j in range(blocks):
         layer = f"{name}.decoders.{j}"
         _attention(state, f"{layer}.self_attn", rel=False)
@@ -83,9 +108,9 @@ def _decoder(state: dict, name: str, blocks: int, vocab: int, moe: bool) -> None
 
 
 def wenet_state(case: dict, vocab: int) -> dict[str, torch.Tensor]:
-    """Random weights under WeNet's names and layouts for the model of ``case``."""
-    state: dict[str, torch.Tensor] = {"encoder.global_cmvn.mean": torch.randn(IDIM),
-                                      "encoder.global_cmvn.istd": 0.5 + torch.rand(IDIM)}
+    """Random weights under WeNet's names and layouts for the model of ``case``, with its saved buffers."""
+    state: dict[str, torch.Tensor] = {CMVN[0]: torch.randn(IDIM), CMVN[1]: 0.5 + torch.rand(IDIM),
+                                      "encoder.embed.pos_enc.pe": wenet_pe()}
     layers, out_name = SUBSAMPLING[case["input_layer"]]
     channels, freq = 1, IDIM
     for i, (k, s) in enumerate(layers):
@@ -121,84 +146,75 @@ def wenet_state(case: dict, vocab: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def wenet_yaml(case: dict, units: Path, vocab: int, sos: int) -> dict:
-    """A train.yaml as WeNet writes it (recipe keys plus input_dim/output_dim, cmvn, tokenizer)."""
-    ffn = ({"mlp_type": "moe", "n_expert": EXPERTS, "n_expert_activated": TOP_K} if case["moe"] else {})
-    decoder = {"attention_heads": HEADS, "linear_units": FF, "num_blocks": 2, "dropout_rate": 0.1,
-               "positional_dropout_rate": 0.1, "self_attention_dropout_rate": 0.1,
-               "src_attention_dropout_rate": 0.1, **ffn}
-    if case["decoder"] == "bitransformer":
-        decoder["r_num_blocks"] = 1
-    return {
-        "encoder": "conformer",
-        "encoder_conf": {"output_size": D, "attention_heads": HEADS, "linear_units": FF, "num_blocks": 2,
-                         "dropout_rate": 0.1, "positional_dropout_rate": 0.1, "attention_dropout_rate": 0.1,
-                         "input_layer": case["input_layer"], "normalize_before": True,
-                         "cnn_module_kernel": case["kernel"], "use_cnn_module": True, "activation_type": "swish",
-                         "pos_enc_layer_type": "rel_pos", "selfattention_layer_type": "rel_selfattn",
-                         "causal": case["causal"], "use_dynamic_chunk": True, "cnn_module_norm": case["norm"],
-                         "use_dynamic_left_chunk": False, **ffn},
-        "decoder": case["decoder"], "decoder_conf": decoder,
-        "tokenizer": "char",
-        "tokenizer_conf": {"symbol_table_path": str(units), "split_with_space": False, "bpe_path": None,
-                           "non_lang_syms_path": None, "is_multilingual": False, "num_languages": 1,
-                           "special_tokens": {"<blank>": 0, "<unk>": 1, "<sos>": sos, "<eos>": sos}},
-        "ctc": "ctc", "ctc_conf": {"ctc_blank_id": 0},
-        "cmvn": "global_cmvn", "cmvn_conf": {"cmvn_file": "data/train/global_cmvn", "is_json_cmvn": True},
-        "model": "asr_model",
-        "model_conf": {"ctc_weight": 0.3, "lsm_weight": 0.1, "length_normalized_loss": False,
-                       "reverse_weight": 0.3 if case["decoder"] == "bitransformer" else 0.0},
-        "dataset": "asr",
-        "dataset_conf": {"filter_conf": {"max_length": 40960}, "speed_perturb": True,
-                         "fbank_conf": {"num_mel_bins": IDIM, "frame_shift": 10, "frame_length": 25, "dither": 1.0},
-                         "batch_conf": {"batch_type": "static", "batch_size": 16}},
-        "grad_clip": 5, "accum_grad": 1, "max_epoch": 100, "optim": "adam", "optim_conf": {"lr": 0.001},
-        "input_dim": IDIM, "output_dim": vocab,
-    }
+def wenet_yaml(case: dict) -> dict:
+    """The train.yaml WeNet's train.py wrote for the recorded model of the same FFNs, set to ``case``."""
+    conf = yaml.safe_load((WRITTEN / ("u2pp_moe" if case["moe"] else "u2pp_dense") / "train.yaml").read_text())
+    conf["encoder_conf"].update(input_layer=case["input_layer"], cnn_module_norm=case["norm"],
+                                cnn_module_kernel=case["kernel"], causal=case["causal"])
+    if case["decoder"] == "transformer":
+        conf["decoder"] = "transformer"
+        del conf["decoder_conf"]["r_num_blocks"]
+        conf["model_conf"]["reverse_weight"] = 0.0
+    sos = 2 if case["sos"] == "2" else VOCAB - 1
+    conf["tokenizer_conf"]["special_tokens"].update({"<sos>": sos, "<eos>": sos})
+    conf["output_dim"] = conf["vocab_size"] = VOCAB
+    return conf
 
 
-def write_units(path: Path, sos: str) -> int:
+def write_cmvn(path: Path, mean: torch.Tensor, istd: torch.Tensor) -> None:
+    """WeNet's JSON global_cmvn (sums over frames) of these statistics."""
+    frames = 1000
+    var = istd.double().pow(-2)
+    stats = {"mean_stat": (mean.double() * frames).tolist(),
+             "var_stat": ((var + mean.double() ** 2) * frames).tolist(), "frame_num": frames}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(stats))
+
+
+def write_units(path: Path, sos: str) -> None:
     """WeNet's units.txt: <blank> 0, <unk> 1, <sos/eos> at 2 or last."""
     units = ["<blank>", "<unk>", *TOKENS]
     units.insert(2 if sos == "2" else len(units), "<sos/eos>")
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"{u} {i}\n" for i, u in enumerate(units)))
-    return len(units)
 
 
 DEFAULT_CASE = {"moe": True, "input_layer": "conv2d", "norm": "layer_norm", "kernel": 8, "causal": True,
                 "decoder": "bitransformer", "sos": "2"}
+# The models of wenet_written/, as overrides of DEFAULT_CASE.
+RECORDED = {"u2pp_moe": {},
+            "u2pp_dense": {"moe": False, "sos": "last", "input_layer": "conv2d6", "norm": "batch_norm", "kernel": 5}}
 
 
 @pytest.fixture
-def wenet_files(tmp_path):
-    """``make(**overrides) -> (final.pt, train.yaml, state, yaml dict)`` of ``DEFAULT_CASE`` (a U2++ MoE model)."""
+def wenet_files(tmp_path, monkeypatch):
+    """``make(**overrides) -> (final.pt, train.yaml, state, yaml dict)`` of ``DEFAULT_CASE`` (a U2++ MoE model).
+
+    A recipe tree as WeNet's training leaves it; the working directory is its
+    root, as for WeNet's recipes (train.yaml's relative paths start there).
+    """
     def make(**overrides):
         case = {**DEFAULT_CASE, **overrides}
-        units = tmp_path / "units.txt"
-        vocab = write_units(units, case["sos"])
-        state = wenet_state(case, vocab)
-        conf = wenet_yaml(case, units, vocab, 2 if case["sos"] == "2" else vocab - 1)
-        torch.save(state, tmp_path / "final.pt")
-        (tmp_path / "train.yaml").write_text(yaml.safe_dump(conf))
-        return tmp_path / "final.pt", tmp_path / "train.yaml", state, conf
+        root = tmp_path / "recipe"
+        conf = wenet_yaml(case)
+        exp = root / conf["model_dir"]
+        exp.mkdir(parents=True, exist_ok=True)
+        write_units(root / conf["tokenizer_conf"]["symbol_table_path"], case["sos"])
+        state = wenet_state(case, VOCAB)
+        write_cmvn(root / conf["cmvn_conf"]["cmvn_file"], state[CMVN[0]], state[CMVN[1]])
+        torch.save(state, exp / "final.pt")
+        monkeypatch.chdir(root)
+        return exp / "final.pt", rewrite(exp / "train.yaml", conf), state, conf
     return make
 
 
 def rewrite(path: Path, conf: dict) -> Path:
-    path.write_text(yaml.safe_dump(conf))
+    """Write ``conf`` as WeNet's train.py writes train.yaml (``yaml.dump``)."""
+    path.write_text(yaml.dump(conf))
     return path
 
 
 # ---------------------------------------------------------------- WeNet's equations
-
-def sinusoid(length: int) -> torch.Tensor:
-    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d))."""
-    pos = torch.arange(length, dtype=torch.float32).unsqueeze(1)
-    angle = pos / 10000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
-    pe = torch.zeros(length, D)
-    pe[:, 0::2], pe[:, 1::2] = angle.sin(), angle.cos()
-    return pe
-
 
 def linear(p: dict, name: str, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, p[f"{name}.weight"], p.get(f"{name}.bias"))
@@ -276,7 +292,7 @@ def conformer_block(p: dict, name: str, x, att_mask, pos_emb, mask_pad, case: di
 
 
 def encoder(p: dict, feats, lens, chunk: int, case: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """CMVN, Conv2d subsampling, x * sqrt(d), absolute encodings, chunk mask, blocks, after_norm."""
+    """CMVN, Conv2d subsampling, x * sqrt(d), the saved table's encodings, chunk mask, blocks, after_norm."""
     x = ((feats - p["encoder.global_cmvn.mean"]) * p["encoder.global_cmvn.istd"]).unsqueeze(1)
     mask = (torch.arange(feats.shape[1]) < lens.unsqueeze(1)).unsqueeze(1)
     layers, out_name = SUBSAMPLING[case["input_layer"]]
@@ -286,7 +302,7 @@ def encoder(p: dict, feats, lens, chunk: int, case: dict) -> tuple[torch.Tensor,
         mask = mask[:, :, k - 1::s]
     b, c, t, f = x.shape
     x = linear(p, f"encoder.embed.{out_name}", x.transpose(1, 2).reshape(b, t, c * f)) * math.sqrt(D)
-    pos_emb = sinusoid(t).unsqueeze(0)
+    pos_emb = p["encoder.embed.pos_enc.pe"][:, :t]
     idx = torch.arange(t)
     att_mask = mask & (idx.unsqueeze(0) < ((idx // chunk + 1) * chunk).unsqueeze(1)) if chunk > 0 else mask
     for i in range(2):
@@ -295,9 +311,9 @@ def encoder(p: dict, feats, lens, chunk: int, case: dict) -> tuple[torch.Tensor,
 
 
 def decoder(p: dict, name: str, blocks: int, memory, memory_mask, ys_in, ys_lens, moe: bool) -> torch.Tensor:
-    """Embedding * sqrt(d) + PE; per layer self-attention, source attention, FFN (pre-norm); output layer."""
+    """Embedding * sqrt(d) + the saved table; per layer self-attention, source attention, FFN (pre-norm); output."""
     u = ys_in.shape[1]
-    x = p[f"{name}.embed.0.weight"][ys_in] * math.sqrt(D) + sinusoid(u)
+    x = p[f"{name}.embed.0.weight"][ys_in] * math.sqrt(D) + p[f"{name}.embed.1.pe"][0, :u]
     tgt_mask = (torch.arange(u) < ys_lens.unsqueeze(1)).unsqueeze(1) & torch.ones(u, u, dtype=torch.bool).tril()
     for j in range(blocks):
         layer = f"{name}.decoders.{j}"
@@ -311,30 +327,20 @@ def decoder(p: dict, name: str, blocks: int, memory, memory_mask, ys_in, ys_lens
 # ---------------------------------------------------------------- the proofs
 
 CASES = {
-    "moe-sos2-conv2d-layernorm-kernel8": {},
-    "dense-soslast-conv2d6-batchnorm": {"moe": False, "sos": "last", "input_layer": "conv2d6",
-                                        "norm": "batch_norm", "kernel": 5},
+    "moe-sos2-conv2d-layernorm-kernel8": RECORDED["u2pp_moe"],
+    "dense-soslast-conv2d6-batchnorm": RECORDED["u2pp_dense"],
     "moe-noncausal-conv2d8-l2r-only": {"causal": False, "kernel": 5, "input_layer": "conv2d8",
                                       "decoder": "transformer"},
 }
 
 
-@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_imported_model_computes_wenets_equations(wenet_files, case):
-    ckpt, train_yaml, p, _ = wenet_files(**case)
-    case = {**DEFAULT_CASE, **case}
-    state, cfg, tokenizer = import_wenet(ckpt, train_yaml)
-    assert cfg.model.encoder.rel_pos_shift is False
-    assert cfg.model.encoder.causal_pad == ("input" if case["causal"] else "glu_output")
-    assert cfg.model.moe.num_experts == (EXPERTS if case["moe"] else 1)
-    model = build_model(cfg.model, load_cmvn=False)
-    model.load_state_dict(state)
-    model.eval()
+def assert_computes_wenet(model, p: dict, case: dict, sos: int) -> None:
+    """``model`` (eval) gives the encoder, CTC and decoder outputs of WeNet's equations over the weights ``p``."""
     torch.manual_seed(1)
     # A padded batch where causal convolution keeps WeNet padding-independent; equal lengths otherwise.
     lens = torch.tensor([150, 111] if case["causal"] else [150, 150])
     feats = torch.randn(2, 150, IDIM)
-    ys_in = torch.tensor([[tokenizer.sos_eos_id, 3, 4, 5, 6], [tokenizer.sos_eos_id, 7, 3, 3, 3]])
+    ys_in = torch.tensor([[sos, 3, 4, 5, 6], [sos, 7, 3, 3, 3]])
     ys_lens = torch.tensor([5, 2])
     with torch.no_grad():
         for chunk in (-1, 4):
@@ -356,6 +362,135 @@ def test_imported_model_computes_wenets_equations(wenet_files, case):
             for b, n in enumerate(ys_lens.tolist()):
                 torch.testing.assert_close(got[b, :n], expect[b, :n], rtol=1e-5, atol=1e-5)
     assert (model.decoder.right_decoder is not None) == bi
+
+
+@pytest.mark.parametrize("tag", RECORDED)
+def test_fixture_is_what_wenets_training_writes(wenet_files, tag):
+    """The fixture's files are laid out as WeNet's train.py wrote them (wenet_written/README.md)."""
+    ckpt, train_yaml, _, _ = wenet_files(**RECORDED[tag])
+    assert train_yaml.read_text() == (WRITTEN / tag / "train.yaml").read_text()
+    ours, wenets = describe(ckpt), json.loads((WRITTEN / tag / "final.pt.json").read_text())
+    assert ours["tensors"] == wenets["tensors"]
+    assert ours["pe_rows"].keys() == wenets["pe_rows"].keys()
+    for name, rows in wenets["pe_rows"].items():
+        for row, values in rows.items():
+            got = torch.tensor(ours["pe_rows"][name][row])
+            torch.testing.assert_close(got, torch.tensor(values), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_imported_model_computes_wenets_equations(wenet_files, case):
+    ckpt, train_yaml, p, _ = wenet_files(**case)
+    case = {**DEFAULT_CASE, **case}
+    state, cfg, tokenizer = import_wenet(ckpt, train_yaml)
+    assert cfg.model.encoder.rel_pos_shift is False
+    assert cfg.model.encoder.causal_pad == ("input" if case["causal"] else "glu_output")
+    assert cfg.model.moe.num_experts == (EXPERTS if case["moe"] else 1)
+    assert not any(key.endswith(".pe") for key in state)
+    model = build_model(cfg.model, load_cmvn=False)
+    model.load_state_dict(state)
+    assert_computes_wenet(model.eval(), p, case, tokenizer.sos_eos_id)
+
+
+@pytest.mark.parametrize("with_units", [False, True], ids=["units-of-the-yaml", "units-option"])
+@pytest.mark.parametrize("tag", RECORDED)
+def test_cli_imports_the_files_wenet_writes(wenet_files, tmp_path, monkeypatch, tag, with_units):
+    """From the recipe root the yaml's relative symbol table is found; from elsewhere --units names it."""
+    ckpt, train_yaml, p, _ = wenet_files(**RECORDED[tag])
+    args = ["convert", "from-wenet", str(ckpt), "--train-yaml", str(train_yaml), "-o", str(tmp_path / "model.pt")]
+    if with_units:
+        units = Path("data/dict/lang_char.txt").resolve()
+        monkeypatch.chdir(tmp_path)
+        args += ["--units", str(units)]
+    assert main(args) == 0
+    loaded = load_model(tmp_path / "model.pt")
+    assert loaded.tokenizer.symbol_table["<sos/eos>"] == loaded.model.sos
+    assert_computes_wenet(loaded.model, p, {**DEFAULT_CASE, **RECORDED[tag]}, loaded.model.sos)
+
+
+def test_cli_without_the_symbol_table_names_the_key(wenet_files, tmp_path, monkeypatch, capsys):
+    ckpt, train_yaml, _, _ = wenet_files()
+    monkeypatch.chdir(tmp_path)  # train.yaml's data/dict/lang_char.txt is relative to the recipe root
+    assert main(["convert", "from-wenet", str(ckpt), "--train-yaml", str(train_yaml), "-o", "model.pt"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert (f"{train_yaml}: tokenizer_conf.symbol_table_path: 'data/dict/lang_char.txt' is found neither "
+            "from the working directory nor beside train.yaml: pass the units.txt file (--units)") in err
+
+
+def test_relative_paths_are_found_beside_the_yaml(wenet_files, tmp_path, monkeypatch):
+    """A model folder (train.yaml, final.pt, units.txt, global_cmvn side by side) imports from anywhere."""
+    ckpt, train_yaml, state, conf = wenet_files()
+    folder = train_yaml.parent
+    Path(conf["tokenizer_conf"]["symbol_table_path"]).rename(folder / "units.txt")
+    Path(conf["cmvn_conf"]["cmvn_file"]).rename(folder / "global_cmvn")
+    conf["tokenizer_conf"]["symbol_table_path"], conf["cmvn_conf"]["cmvn_file"] = "units.txt", "global_cmvn"
+    mean, istd = state.pop(CMVN[0]), state.pop(CMVN[1])  # so the statistics come from the file
+    torch.save(state, ckpt)
+    monkeypatch.chdir(tmp_path)
+    imported, cfg, tokenizer = import_wenet(ckpt, rewrite(train_yaml, conf))
+    assert cfg.model.cmvn == str(folder / "global_cmvn")
+    assert cfg.data.tokenizer.symbol_table == str(folder / "units.txt")
+    assert tokenizer.encode("gab") == [9, 3, 4]
+    torch.testing.assert_close(imported[CMVN[0]], mean)
+    torch.testing.assert_close(imported[CMVN[1]], istd)
+
+
+def test_older_checkpoints_without_position_tables_import_the_same(wenet_files):
+    ckpt, train_yaml, state, _ = wenet_files()
+    with_tables, _, _ = import_wenet(ckpt, train_yaml)
+    torch.save({k: v for k, v in state.items() if not k.endswith(".pe")}, ckpt)
+    without, _, _ = import_wenet(ckpt, train_yaml)
+    assert with_tables.keys() == without.keys()
+    assert all(torch.equal(with_tables[k], without[k]) for k in with_tables)
+
+
+def test_position_table_computed_elsewhere_is_accepted(wenet_files):
+    """The formula in float64, then rounded: up to 7e-5 from WeNet's float32 table, within the tolerance."""
+    ckpt, train_yaml, state, _ = wenet_files()
+    pos = torch.arange(MAX_LEN, dtype=torch.float64).unsqueeze(1)
+    angle = pos / 10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    table = torch.zeros(1, MAX_LEN, D, dtype=torch.float64)
+    table[0, :, 0::2], table[0, :, 1::2] = angle.sin(), angle.cos()
+    assert (table.float() - state["encoder.embed.pos_enc.pe"]).abs().max() > 1e-5
+    state["encoder.embed.pos_enc.pe"] = table.float()
+    torch.save(state, ckpt)
+    import_wenet(ckpt, train_yaml)
+
+
+def _shifted(pe: torch.Tensor) -> torch.Tensor:
+    return pe.roll(1, dims=1)
+
+
+def _one_row_off(pe: torch.Tensor) -> torch.Tensor:
+    pe = pe.clone()
+    pe[0, 4321, 3] += 0.01
+    return pe
+
+
+BAD_TABLES = {
+    "shifted": ("decoder.right_decoder.embed.1.pe", _shifted,
+                r"decoder\.right_decoder\.embed\.1\.pe is not WeNet's sinusoid table: position 0 differs by"),
+    "one-value-off": ("encoder.embed.pos_enc.pe", _one_row_off,
+                      r"encoder\.embed\.pos_enc\.pe is not WeNet's sinusoid table: position 4321 differs by 0\.01"),
+    "other-width": ("decoder.left_decoder.embed.1.pe", lambda pe: torch.zeros(1, MAX_LEN, 2 * D),
+                    r"decoder\.left_decoder\.embed\.1\.pe has shape \(1, 5000, 32\) \(torch\.float32\), a position "
+                    r"table of the model of train\.yaml is \(1, max_len, 16\) floating point"),
+    "two-dims": ("encoder.embed.pos_enc.pe", lambda pe: pe[0], r"pos_enc\.pe has shape \(5000, 16\)"),
+}
+
+
+@pytest.mark.parametrize("key,change,match", BAD_TABLES.values(), ids=BAD_TABLES.keys())
+def test_position_table_not_wenets_is_named(wenet_files, key, change, match):
+    ckpt, train_yaml, state, _ = wenet_files()
+    state[key] = change(state[key])
+    _raises(ckpt, train_yaml, state, match)
+
+
+def test_position_table_of_an_absent_decoder_is_unmapped(wenet_files):
+    ckpt, train_yaml, state, _ = wenet_files(decoder="transformer")
+    state["decoder.right_decoder.embed.1.pe"] = wenet_pe()
+    _raises(ckpt, train_yaml, state, r"decoder\.right_decoder\.embed\.1\.pe \(1, 5000, 16\) is not part of the model")
 
 
 def test_same_weights_with_our_relative_positions_still_a_model(wenet_files):
@@ -461,19 +596,19 @@ def test_shape_mismatch_names_key_and_shapes(wenet_files):
 
 
 def test_cmvn_from_the_json_file_when_the_checkpoint_has_none(wenet_files, tmp_path):
-    ckpt, train_yaml, state, _ = wenet_files()
-    mean, istd = state.pop("encoder.global_cmvn.mean"), state.pop("encoder.global_cmvn.istd")
+    ckpt, train_yaml, state, conf = wenet_files()
+    mean, istd = state.pop(CMVN[0]), state.pop(CMVN[1])
     torch.save(state, ckpt)
-    frames = 1000
-    var = istd.double().pow(-2)
-    stats = {"mean_stat": (mean.double() * frames).tolist(),
-             "var_stat": ((var + mean.double() ** 2) * frames).tolist(), "frame_num": frames}
-    (tmp_path / "global_cmvn").write_text(json.dumps(stats))
-    imported, cfg, _ = import_wenet(ckpt, train_yaml, cmvn=tmp_path / "global_cmvn")
-    assert cfg.model.cmvn == str(tmp_path / "global_cmvn")
-    torch.testing.assert_close(imported["encoder.global_cmvn.mean"], mean)
-    torch.testing.assert_close(imported["encoder.global_cmvn.istd"], istd)
-    with pytest.raises(ValueError, match="CMVN"):  # the yaml's file does not exist here
+    imported, cfg, _ = import_wenet(ckpt, train_yaml)  # the yaml's data/train/global_cmvn
+    assert cfg.model.cmvn == conf["cmvn_conf"]["cmvn_file"]
+    torch.testing.assert_close(imported[CMVN[0]], mean)
+    torch.testing.assert_close(imported[CMVN[1]], istd)
+    write_cmvn(tmp_path / "other_cmvn", mean + 1, istd)
+    imported, cfg, _ = import_wenet(ckpt, train_yaml, cmvn=tmp_path / "other_cmvn")  # --cmvn wins
+    assert cfg.model.cmvn == str(tmp_path / "other_cmvn")
+    torch.testing.assert_close(imported[CMVN[0]], mean + 1)
+    Path(conf["cmvn_conf"]["cmvn_file"]).unlink()
+    with pytest.raises(ValueError, match="global_cmvn: not a CMVN stats file"):
         import_wenet(ckpt, train_yaml)
 
 
