@@ -64,10 +64,10 @@ def _unit_dropout(h, p=0.5, training=True, inplace=False):
     return h * keep / (1 - p)
 
 
-@pytest.mark.parametrize("n,k,e,path", [(16, 2, 8, "small"), (5, 1, 4, "one by one"), (300, 2, 4, "padded")])
+@pytest.mark.parametrize("n,k,e,path", [(16, 2, 8, "small"), (5, 1, 4, "single"), (300, 2, 4, "padded")])
 def test_hidden_dropout_in_training_equals_the_loop_under_the_same_mask(n, k, e, path, monkeypatch):
     """Forward and gradients in training with dropout, each CPU path (moe_ffn_small; grouped_ffn running
-    experts one by one or as one padded run) against WeNet's loop, both dropping what the injected mask drops."""
+    experts one at a time or as one padded run) against WeNet's loop, both dropping what the injected mask drops."""
     import moe_asr_kernels as kernels
     torch.manual_seed(n)
     d, f = 6, 12
@@ -76,7 +76,7 @@ def test_hidden_dropout_in_training_equals_the_loop_under_the_same_mask(n, k, e,
     weights = torch.softmax(torch.randn(n, k), -1)
     segments = cpu.plan_segments(torch.bincount(experts.flatten(), minlength=e).tolist(), d, f)
     small = cpu.moe_ffn_small(torch.zeros(n, d), experts, weights, *w) is not None
-    assert path == ("small" if small else "padded" if any(b - a > 1 for a, b, _ in segments) else "one by one")
+    assert path == ("small" if small else "padded" if any(b - a > 1 for a, b, _ in segments) else "single")
     x = torch.randn(n, d, requires_grad=True)
     without = kernels.moe_ffn(x, experts, weights, *w, "swish", dropout=0.5, training=False)
     monkeypatch.setattr(torch.nn.functional, "dropout", _unit_dropout)
