@@ -31,16 +31,17 @@ def test_every_test_directory_is_a_package():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("folder", [str(p.relative_to(TESTS)) for p in _test_dirs()])
+@pytest.mark.parametrize("folder", [str(p.relative_to(TESTS.parent)) for p in _test_dirs()])
 def test_each_test_directory_collects_alone_from_another_directory(folder, tmp_path):
-    """`pytest tests/<folder>` started anywhere: alone, since a folder collected after a package has the
+    """`pytest <folder>` started anywhere: each alone, since a folder collected after a package finds the
     repository on sys.path already."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                           str(TESTS / folder)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                           str(TESTS.parent / folder)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     collected = {line.split("::")[0] for line in done.stdout.splitlines() if "::" in line}
-    modules = {str(p.relative_to(TESTS.parent)) for p in (TESTS / folder).glob("test_*.py")}
+    modules = {str(p.relative_to(TESTS.parent)) for p in (TESTS.parent / folder).glob("test_*.py")}
     assert modules <= collected, f"collected nothing from {sorted(modules - collected)}"
 
 
