@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
+from typing import ContextManager
 
 import torch
 import triton
@@ -11,10 +13,21 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def input_precision(dtype: torch.dtype) -> str:
-    """fp32 matmuls follow torch's setting: IEEE unless TF32 was allowed."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    """fp32 matmuls follow torch's setting: IEEE unless TF32 was allowed.
+
+    Read through ``fp32_precision``, which reflects both APIs (the legacy
+    ``allow_tf32 = True`` and ``set_float32_matmul_precision("high")`` set it to
+    ``tf32``, and so does ``torch.backends.fp32_precision = "tf32"``); reading
+    ``allow_tf32`` raises once the new API has been used.
+    """
+    if dtype == torch.float32 and torch.backends.cuda.matmul.fp32_precision != "tf32":
         return "ieee"
     return "tf32"
+
+
+def on_device(t: torch.Tensor) -> ContextManager:
+    """Launch on ``t``'s GPU, not the current one (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
 
 
 def next_pow2(n: int) -> int:

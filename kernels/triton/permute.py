@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import next_pow2
+from .common import next_pow2, on_device
 
 BLOCK = 128
 
@@ -61,11 +61,12 @@ def sort_by_expert(experts: torch.Tensor, num_experts: int):
     if a == 0:
         return order, inverse, torch.zeros(num_experts, dtype=torch.long, device=ids.device)
     hist = torch.empty(blocks, e_p2, dtype=torch.int32, device=ids.device)
-    _block_histogram[(blocks,)](ids, hist, a, E_P2=e_p2, BLOCK=BLOCK)
-    base = hist.cumsum(0, dtype=torch.int32) - hist                  # rows of each expert in earlier blocks
-    counts = hist.sum(0, dtype=torch.int32)
-    start = counts.cumsum(0, dtype=torch.int32) - counts             # first row of each expert
-    _block_scatter[(blocks,)](ids, base, start, order, inverse, a, E_P2=e_p2, BLOCK=BLOCK)
+    with on_device(ids):
+        _block_histogram[(blocks,)](ids, hist, a, E_P2=e_p2, BLOCK=BLOCK)
+        base = hist.cumsum(0, dtype=torch.int32) - hist                  # rows of each expert in earlier blocks
+        counts = hist.sum(0, dtype=torch.int32)
+        start = counts.cumsum(0, dtype=torch.int32) - counts             # first row of each expert
+        _block_scatter[(blocks,)](ids, base, start, order, inverse, a, E_P2=e_p2, BLOCK=BLOCK)
     return order, inverse, counts[:num_experts].long()
 
 
@@ -89,6 +90,7 @@ def gather_rows(x: torch.Tensor, src: torch.Tensor, div: int = 1) -> torch.Tenso
     if m == 0:
         return out
     block_d = min(128, next_pow2(d))
-    _gather_rows[(triton.cdiv(m, 32), triton.cdiv(d, block_d))](
-        x, src, out, m, d, div, x.stride(0), out.stride(0), BLOCK_M=32, BLOCK_D=block_d)
+    with on_device(x):
+        _gather_rows[(triton.cdiv(m, 32), triton.cdiv(d, block_d))](
+            x, src, out, m, d, div, x.stride(0), out.stride(0), BLOCK_M=32, BLOCK_D=block_d)
     return out

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import next_pow2
+from .common import next_pow2, on_device
 
 
 @triton.jit
@@ -43,9 +43,10 @@ def combine(rows: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor | N
         return out
     block_d = min(128, next_pow2(d))
     w = weights.contiguous() if weights is not None else rows
-    _combine[(triton.cdiv(n, 16), triton.cdiv(d, block_d))](
-        rows, inverse, w, out, n, d, rows.stride(0), out.stride(0),
-        TOP_K=top_k, HAS_W=weights is not None, BLOCK_N=16, BLOCK_D=block_d)
+    with on_device(rows):
+        _combine[(triton.cdiv(n, 16), triton.cdiv(d, block_d))](
+            rows, inverse, w, out, n, d, rows.stride(0), out.stride(0),
+            TOP_K=top_k, HAS_W=weights is not None, BLOCK_N=16, BLOCK_D=block_d)
     return out
 
 
@@ -81,7 +82,8 @@ def combine_backward(dy: torch.Tensor, rows: torch.Tensor, inverse: torch.Tensor
     if n == 0:
         return drows, dw
     block_d = min(128, next_pow2(d))
-    _combine_backward[(triton.cdiv(n, 16),)](
-        dy, rows, inverse, weights.contiguous(), drows, dw, n, d, dy.stride(0), rows.stride(0), drows.stride(0),
-        TOP_K=k, BLOCK_N=16, BLOCK_D=block_d)
+    with on_device(rows):
+        _combine_backward[(triton.cdiv(n, 16),)](
+            dy, rows, inverse, weights.contiguous(), drows, dw, n, d, dy.stride(0), rows.stride(0),
+            drows.stride(0), TOP_K=k, BLOCK_N=16, BLOCK_D=block_d)
     return drows, dw
