@@ -1,7 +1,9 @@
 """``torch.autograd.Function``s over the Triton kernels.
 
 * :func:`grouped_ffn`: the expert FFN in two grouped GEMMs. Forward stores the
-  pre-activation ``z`` and ``h = act(z)`` (the first GEMM's fused epilogue).
+  pre-activation ``z`` and ``h = act(z)`` (the first GEMM's fused epilogue)
+  only when a backward will follow; without gradients (``inference_mode``,
+  ``no_grad``, frozen inputs) it runs the two GEMMs alone and writes no ``z``.
   Backward: ``dZ = (dY @ W2^T) * mask * act'(z)`` in one grouped GEMM (the
   activation's backward fused into its epilogue), ``dX = dZ @ W1^T`` (grouped
   GEMM over transposed views, no copies), ``dW2, db2 = h^T dY, sum dY`` and
@@ -9,6 +11,12 @@
 * :func:`grouped_linear`: one grouped GEMM with bias and activation.
 * :func:`permute` / :func:`unpermute`: row gather by the sort order and the
   weighted combine, each other's backward.
+
+Autocast: the GEMM entry points follow autocast's policy for matmuls (as
+``F.linear`` does): under ``torch.autocast`` every floating input is cast to
+the autocast dtype before the kernels, through differentiable casts, so fp32
+master weights receive fp32 gradients. Outside autocast, inputs of mixed
+dtypes are refused (``tl.dot`` takes one dtype).
 """
 from __future__ import annotations
 
@@ -20,15 +28,23 @@ from .triton.permute import gather_rows
 from .triton.unpermute import combine, combine_backward
 
 
+def _ffn_forward(rows, counts, w1, b1, w2, b2, activation, p, store_z):
+    """(y, z, h, mask) of the expert FFN; ``z`` only with ``store_z``."""
+    mask = None
+    if p > 0:
+        mask = torch.empty(rows.shape[0], w1.shape[-1], device=rows.device, dtype=rows.dtype)
+        mask.bernoulli_(1.0 - p).div_(1.0 - p)
+    if store_z:
+        h, z = grouped_gemm(rows, w1, counts, b1, activation, store_z=True, mask=mask)
+    else:
+        h, z = grouped_gemm(rows, w1, counts, b1, activation, mask=mask), None
+    return grouped_gemm(h, w2, counts, b2), z, h, mask
+
+
 class _GroupedFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, counts, w1, b1, w2, b2, activation, p):
-        mask = None
-        if p > 0:
-            mask = torch.empty(rows.shape[0], w1.shape[-1], device=rows.device, dtype=rows.dtype)
-            mask.bernoulli_(1.0 - p).div_(1.0 - p)
-        h, z = grouped_gemm(rows, w1, counts, b1, activation, store_z=True, mask=mask)
-        y = grouped_gemm(h, w2, counts, b2)
+        y, z, h, mask = _ffn_forward(rows, counts, w1, b1, w2, b2, activation, p, store_z=True)
         ctx.save_for_backward(rows, counts, w1, w2, z, h, mask)
         ctx.activation = activation
         return y
@@ -48,8 +64,13 @@ class _GroupedFFN(torch.autograd.Function):
 
 def grouped_ffn(rows: Tensor, counts: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                 activation: str = "swish", p: float = 0.0) -> Tensor:
-    counts = _device_counts(counts, rows)
-    return _GroupedFFN.apply(rows.contiguous(), counts, w1, b1, w2, b2, activation, p)
+    rows, w1, b1, w2, b2 = _autocast(rows, w1, b1, w2, b2)
+    _check_dtypes(rows, w1=w1, b1=b1, w2=w2, b2=b2)
+    counts = _device_counts(counts, rows, w1.shape[0])
+    rows = rows.contiguous()
+    if not _needs_grad(rows, w1, b1, w2, b2):
+        return _ffn_forward(rows, counts, w1, b1, w2, b2, activation, p, store_z=False)[0]
+    return _GroupedFFN.apply(rows, counts, w1, b1, w2, b2, activation, p)
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -83,7 +104,13 @@ def _act_grad(name: str, z: Tensor) -> Tensor:
 
 
 def grouped_linear(x: Tensor, w: Tensor, b: Tensor | None, counts: Tensor, activation: str = "identity") -> Tensor:
-    return _GroupedLinear.apply(x.contiguous(), w, b, _device_counts(counts, x), activation)
+    x, w, b = _autocast(x, w, b)
+    _check_dtypes(x, w=w, bias=b)
+    counts = _device_counts(counts, x, w.shape[0])
+    x = x.contiguous()
+    if not _needs_grad(x, w, b):
+        return grouped_gemm(x, w, counts, b, activation)
+    return _GroupedLinear.apply(x, w, b, counts, activation)
 
 
 class _Permute(torch.autograd.Function):
@@ -122,7 +149,38 @@ def unpermute(rows: Tensor, inverse: Tensor, weights: Tensor) -> Tensor:
     return _Unpermute.apply(rows, inverse, weights)
 
 
-def _device_counts(counts, like: Tensor) -> Tensor:
+def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Under autocast, the floating inputs in the autocast dtype (differentiable casts); else as they are."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def _check_dtypes(x: Tensor, **others: Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"grouped GEMM inputs must share one dtype: rows are {x.dtype}, {name} is {t.dtype} "
+                             "(cast them, or run under torch.autocast)")
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _device_counts(counts, like: Tensor, num_experts: int) -> Tensor:
+    """``counts`` as int32 on ``like``'s device, checked: one entry per expert, and, where they are on the
+    host (free to read), non-negative and summing to the rows. Counts already on the GPU are not read back
+    (no host sync); the kernels never touch a row at or past ``like.shape[0]`` whatever they say."""
     if not isinstance(counts, Tensor):
         counts = torch.tensor(list(counts), dtype=torch.int32)
+    if counts.dim() != 1 or counts.numel() != num_experts:
+        raise ValueError(f"counts has shape {tuple(counts.shape)}; expected one entry per expert ({num_experts},)")
+    if counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool:
+        raise ValueError(f"counts must be integers, got {counts.dtype}")
+    if counts.device.type == "cpu":
+        rows = like.shape[0]
+        if bool((counts < 0).any()) or int(counts.sum()) != rows:
+            raise ValueError(f"counts {counts.tolist()} must be non-negative and sum to the {rows} rows")
     return counts.to(device=like.device, dtype=torch.int32)
