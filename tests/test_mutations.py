@@ -29,15 +29,15 @@ PLANTS: dict[str, tuple[dict[str, list[tuple[str, str]]], list[str]]] = {
         [f"tests/kernels/test_cpu.py::test_hidden_dropout_in_training_equals_the_loop_under_the_same_mask[{case}]"
          for case in ("16-2-8-small", "5-1-4-single", "300-2-4-padded")]),
     "recognize ignores --chunk-size and --num-left-chunks": (
-        {"moe_asr/tools/recognize.py": [("chunk_size=args.chunk_size,", "chunk_size=-1,"),
-                                        ("num_left_chunks=args.num_left_chunks, ctc_weight",
-                                         "num_left_chunks=-1, ctc_weight")]},
+        {"moe_asr/tools/recognize.py": [
+            ("DecodeOptions(chunk_size=args.chunk_size, num_left_chunks=args.num_left_chunks,",
+             "DecodeOptions(chunk_size=-1, num_left_chunks=-1,")]},
         ["tests/tools/test_recognize.py::test_chunked_and_streaming_results_sit_beside_full_context"]),
     "averaging keeps only the best checkpoint": (
         {"moe_asr/tools/convert.py": [("ms = average(sources)", "ms = average(sources[:1])")],
-         "moe_asr/tools/recognize.py": [
-             ('    ms = average(run_checkpoints(args.model, args.average, "best"))\n',
-              '    ms = average(run_checkpoints(args.model, args.average, "best"))\n'
+         "moe_asr/inference/pipeline.py": [
+             ('    ms = average(run_checkpoints(path, average_best, "best"))\n',
+              '    ms = average(run_checkpoints(path, average_best, "best"))\n'
               '    from dataclasses import replace\n'
               '    from moe_asr.checkpoint import read_model_state\n'
               '    ms = replace(ms, state=read_model_state(ms.extra["averaged"][0]).state)\n')]},

@@ -22,6 +22,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from moe_asr.decode.attention import attention_beam_search, attention_rescoring
 from moe_asr.decode.ctc import PrefixBeamSearch, collapse
+from moe_asr.decode.options import DecodeOptions
 from moe_asr.decode.search import Hypothesis, check_methods, effective_reverse_weight
 from moe_asr.model.encoder import StreamState, StreamWindows
 from moe_asr.symbols import BLANK_ID
@@ -78,25 +79,20 @@ class StreamingRecognizer:
 
     Args:
         model: the U2++ model, in eval mode.
-        chunk_size: encoder chunk in frames after subsampling (> 0).
-        num_left_chunks: chunks of left context each chunk sees; -1 is all.
+        options: the chunk size (> 0), left chunks and search, as ``decode`` takes them.
         methods: names from ``METHODS``; each finished stream gets one
             :class:`Hypothesis` per method, as ``decode`` gives.
-        beam_size, ctc_weight, reverse_weight: as in ``decode``.
     """
 
-    def __init__(self, model: torch.nn.Module, chunk_size: int, num_left_chunks: int = -1,
-                 methods: Sequence[str] = ("attention_rescoring",), beam_size: int = 10,
-                 ctc_weight: float = 0.3, reverse_weight: float = 0.5) -> None:
+    def __init__(self, model: torch.nn.Module, options: DecodeOptions,
+                 methods: Sequence[str] = ("attention_rescoring",)) -> None:
         check_methods(methods)
         if model.training:
             raise ValueError("streaming needs the model in eval mode (model.eval()), or dropout makes chunks differ")
-        if beam_size < 1:
-            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
         self.model, self.methods = model, list(methods)
-        self.beam_size, self.ctc_weight = beam_size, ctc_weight
-        self.reverse_weight = effective_reverse_weight(model, reverse_weight)
-        self.windows = model.encoder.stream_windows(chunk_size, num_left_chunks)
+        self.beam_size, self.ctc_weight = options.beam_size, options.ctc_weight
+        self.reverse_weight = effective_reverse_weight(model, options.reverse_weight)
+        self.windows = model.encoder.stream_windows(options.chunk_size, options.num_left_chunks)
         self._device = model.encoder.after_norm.weight.device
         self._streams: dict[str, _Stream] = {}  # every live stream
         self._joining: list[_Stream] = []       # added since the last step, no row yet

@@ -47,7 +47,7 @@ from typing import Callable, Optional
 import torch
 
 from moe_asr.checkpoint import load_model
-from moe_asr.decode import decode
+from moe_asr.decode import DecodeOptions, decode
 from moe_asr.decode.streaming import StreamingRecognizer
 from moe_asr.run.config import ConfigError, load_config
 from moe_asr.model.u2pp import U2PPModel, build_model
@@ -170,9 +170,9 @@ def run_row(bench: Bench, mode: str, ctx: Context, feats: torch.Tensor, lengths:
         encoder_out(model, ctx, feats, lengths)
     elif ctx.chunk < 0:
         reads.encoder_calls()
-        decode(model, feats, lengths, [mode], chunk_size=-1)
+        decode(model, feats, lengths, [mode])
     else:
-        rec = StreamingRecognizer(model, ctx.chunk, ctx.left, methods=[mode])
+        rec = StreamingRecognizer(model, DecodeOptions(chunk_size=ctx.chunk, num_left_chunks=ctx.left), [mode])
         for i in range(feats.shape[0]):
             rec.add(str(i), feats[i, : int(lengths[i])], last=True)
         while len(rec):

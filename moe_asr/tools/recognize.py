@@ -22,26 +22,18 @@ and fbank are timed once and reported apart.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
+import re
 import sys
-import time
-from collections import Counter, deque
-from dataclasses import dataclass, field
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-import torch
-from tqdm import tqdm
-
-from moe_asr.checkpoint import LoadedModel, build_trained_model, load_model
-from moe_asr.checkpoint.average import average, run_checkpoints
 from moe_asr.data import sources
-from moe_asr.data.feature_batches import FeatureBatch, feature_batches
-from moe_asr.data.kaldi_text import write_table
-from moe_asr.data.tokenizer import normalize_text
-from moe_asr.decode import METHODS, Hypothesis, decode
-from moe_asr.decode.streaming import StreamingRecognizer
+from moe_asr.decode import METHODS
+from moe_asr.decode.options import DecodeOptions
+from moe_asr.inference import load_for_decoding, recognize, write_outputs
 
 log = logging.getLogger("moe_asr.recognize")
 
@@ -74,33 +66,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--out-dir", required=True, help="output folder")
 
 
-def mode_dir(method: str, chunk_size: int, num_left_chunks: int, streaming: bool) -> str:
-    """The output directory of a mode: full-context and chunked results of one run can share an OUTDIR."""
-    if chunk_size <= 0:
-        return method
-    name = f"{method}_chunk{chunk_size}"
-    if num_left_chunks >= 0:
-        name += f"_left{num_left_chunks}"
-    return name + ("_streaming" if streaming else "")
-
-
-def _check_options(args: argparse.Namespace) -> list[str]:
-    """The requested modes; every option mistake is caught here, before the model is read."""
+def _options(args: argparse.Namespace) -> tuple[list[str], DecodeOptions]:
+    """The requested modes and decoding options; every option mistake is caught here, before the model is read."""
     modes = list(dict.fromkeys(m.strip() for m in args.mode.split(",") if m.strip()))
     unknown = [m for m in modes if m not in METHODS]
     if not modes or unknown:
         raise ValueError(f"--mode {args.mode!r}: choose from {','.join(METHODS)}")
-    if args.chunk_size == 0:
-        raise ValueError("--chunk-size must be > 0 (chunked) or -1 (full context)")
-    if args.streaming and args.chunk_size < 0:
-        raise ValueError("--streaming needs --chunk-size > 0")
     if args.batch_frames < 1:
         raise ValueError("--batch-frames must be >= 1")
-    if args.streams < 1:
-        raise ValueError("--streams must be >= 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available")
-    return modes
+    try:
+        return modes, DecodeOptions(chunk_size=args.chunk_size, num_left_chunks=args.num_left_chunks,
+                                    streaming=args.streaming, streams=args.streams, beam_size=args.beam_size,
+                                    ctc_weight=args.ctc_weight, reverse_weight=args.reverse_weight)
+    except ValueError as e:  # the options' own words, with the flags' names
+        fields = "|".join(f.name for f in dataclasses.fields(DecodeOptions))
+        raise ValueError(re.sub(rf"\b({fields})\b", lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
 
 
 def _source(args: argparse.Namespace) -> sources.Source:
@@ -117,22 +97,6 @@ def _source(args: argparse.Namespace) -> sources.Source:
     return sources.wav_files(args.wavs)
 
 
-def _load(args: argparse.Namespace) -> tuple[LoadedModel, list[str]]:
-    """The model, and the checkpoints it was read from (several when averaged)."""
-    if args.average is None:
-        if args.tag is not None and Path(args.model).is_file():
-            raise ValueError(f"{args.model}: a model file has no checkpoint tags; --tag applies to run directories")
-        loaded = load_model(args.model, args.tag, args.device)
-        return loaded, [str(loaded.source)]
-    if args.tag is not None:
-        raise ValueError("--tag and --average exclude each other (--average picks the checkpoints)")
-    if args.average < 1:
-        raise ValueError("--average must be >= 1")
-    ms = average(run_checkpoints(args.model, args.average, "best"))
-    model = build_trained_model(ms).to(args.device).eval()
-    return LoadedModel(model, ms.config, ms.tokenizer, ms.source), ms.extra["averaged"]
-
-
 def _rtf(seconds: float, audio: float) -> Optional[float]:
     return seconds / audio if audio > 0 else None
 
@@ -141,114 +105,17 @@ def _show(rtf: Optional[float]) -> str:
     return "n/a" if rtf is None else f"{rtf:.4f}"
 
 
-@dataclass
-class Results:
-    hyps: dict[str, dict[str, str]]  # mode -> key -> transcript
-    refs: dict[str, str] = field(default_factory=dict)
-    skips: list[sources.Skip] = field(default_factory=list)
-    decode_seconds: dict[str, float] = field(default_factory=dict)
-    audio_seconds: float = 0.0
-    feature_seconds: float = 0.0
-    decoded: int = 0
-
-
-Waiting = deque[tuple[str, torch.Tensor]]
-"""Utterances (key, features) that have not joined a streaming recognizer yet."""
-
-
-def _stream(rec: StreamingRecognizer, waiting: Waiting, streams: int, drain: bool) -> dict[str, Hypothesis]:
-    """Step ``rec`` with up to ``streams`` live streams, a waiting utterance joining whenever one ends,
-    until none waits (with ``drain``, until every stream has finished); the finished ones' hypotheses."""
-    (method,) = rec.methods
-    out: dict[str, Hypothesis] = {}
-    while waiting or (drain and len(rec)):
-        while waiting and len(rec) < streams:
-            key, feats = waiting.popleft()
-            rec.add(key, feats, last=True)
-        out.update((key, hyps[method]) for key, hyps in rec.step().items())
-    return out
-
-
-def recognize(loaded: LoadedModel, source: sources.Source, modes: list[str], args: argparse.Namespace) -> Results:
-    """Decode every readable utterance of ``source`` with each mode, timing features and each mode apart.
-
-    With ``--streaming`` each mode has its own recognizer, whose streams carry over from one feature
-    batch to the next, so utterances join as others finish whatever the batches.
-    """
-    tokenizer = loaded.tokenizer
-    res = Results({m: {} for m in modes}, decode_seconds=dict.fromkeys(modes, 0.0))
-    recognizers = {m: StreamingRecognizer(loaded.model, args.chunk_size, args.num_left_chunks, [m], args.beam_size,
-                                          args.ctc_weight, args.reverse_weight)
-                   for m in modes} if args.streaming else {}
-    waiting: dict[str, Waiting] = {m: deque() for m in recognizers}
-
-    def decode_mode(m: str, batch: Optional[FeatureBatch]) -> dict[str, Hypothesis]:
-        """One mode on one batch (None: the end of the input, the streams drain)."""
-        if not args.streaming:
-            feats, lengths = batch.feats.to(args.device), batch.feats_lengths.to(args.device)
-            out = decode(loaded.model, feats, lengths, [m], beam_size=args.beam_size, chunk_size=args.chunk_size,
-                         num_left_chunks=args.num_left_chunks, ctc_weight=args.ctc_weight,
-                         reverse_weight=args.reverse_weight)[m]
-            return dict(zip(batch.keys, out))
-        if batch is not None:
-            waiting[m].extend((k, batch.feats[i, :n]) for i, (k, n) in
-                              enumerate(zip(batch.keys, batch.feats_lengths.tolist())))
-        return _stream(recognizers[m], waiting[m], args.streams, drain=batch is None)
-
-    def decode_modes(batch: Optional[FeatureBatch]) -> None:
-        for m in modes:
-            start = time.perf_counter()
-            hyps = decode_mode(m, batch)
-            res.decode_seconds[m] += time.perf_counter() - start
-            res.hyps[m].update((k, tokenizer.decode(h.tokens)) for k, h in hyps.items())
-
-    with tqdm(total=source.count, unit="utt", desc="recognize") as bar:
-        def on_skip(skip: sources.Skip) -> None:
-            res.skips.append(skip)
-            if skip.text is not None:
-                res.refs[skip.key] = normalize_text(skip.text, tokenizer.cfg)
-            bar.update(1)
-
-        batches = feature_batches(source, loaded.config.data.features, args.batch_frames, on_skip)
-        while True:
-            start = time.perf_counter()
-            batch = next(batches, None)
-            res.feature_seconds += time.perf_counter() - start
-            if batch is None:
-                break
-            decode_modes(batch)
-            res.refs.update((k, normalize_text(t, tokenizer.cfg)) for k, t in zip(batch.keys, batch.texts)
-                            if t is not None)
-            res.audio_seconds += batch.seconds
-            res.decoded += len(batch.keys)
-            bar.update(len(batch.keys))
-    if args.streaming:
-        decode_modes(None)
-    return res
-
-
-def write_outputs(res: Results, dirs: dict[str, str], out_dir: Path, summary: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for m, name in dirs.items():
-        write_table(out_dir / name / "text", res.hyps[m])
-    if res.refs:
-        write_table(out_dir / "ref.text", res.refs)
-    with open(out_dir / "skipped.txt", "w", encoding="utf-8") as f:
-        f.writelines(f"{s.key}\t{s.reason}\t{s.detail}\n" for s in res.skips)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-
-
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        modes = _check_options(args)
+        modes, options = _options(args)
         source = _source(args)
-        loaded, checkpoints = _load(args)
+        loaded, checkpoints = load_for_decoding(args.model, args.tag, args.average, args.device)
     except (OSError, ValueError) as e:
         print(f"moe-asr recognize: error: {e}", file=sys.stderr)
         return 1
-    dirs = {m: mode_dir(m, args.chunk_size, args.num_left_chunks, args.streaming) for m in modes}
-    res = recognize(loaded, source, modes, args)
+    dirs = {m: options.mode_name(m) for m in modes}
+    res = recognize(loaded, source, modes, options, args.batch_frames, args.device)
     reasons = Counter(s.reason for s in res.skips)
     summary = {
         "model": args.model, "checkpoints": checkpoints, "utterances": res.decoded, "skipped": len(res.skips),

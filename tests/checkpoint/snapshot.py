@@ -13,7 +13,7 @@ from torch import nn
 
 from moe_asr.data.feature_batches import feature_batches
 from moe_asr.data.sources import wav_files
-from moe_asr.decode import decode
+from moe_asr.decode import DecodeOptions, decode
 from moe_asr.run.config import ExperimentConfig
 
 FSDD = Path(__file__).resolve().parents[2] / "../shared/data/fsdd/recordings"
@@ -31,10 +31,11 @@ def snapshot(model: nn.Module, cfg: ExperimentConfig) -> dict:
         enc, mask = model.encode(feats, lengths)
         chunked, _ = model.encode(feats, lengths, chunk_size=4, num_left_chunks=2)
         log_probs = model.ctc.log_softmax(enc)
-    hyps = decode(model, feats, lengths, METHODS, beam_size=3)
+    hyps = decode(model, feats, lengths, METHODS, DecodeOptions(beam_size=3))
     speech = {m: {} for m in METHODS}
     for batch in feature_batches(wav_files(WAVS), cfg.data.features, 4000, on_skip=print):
-        for method, found in decode(model, batch.feats, batch.feats_lengths, METHODS, beam_size=3).items():
+        found_by_method = decode(model, batch.feats, batch.feats_lengths, METHODS, DecodeOptions(beam_size=3))
+        for method, found in found_by_method.items():
             speech[method].update({key: h.tokens for key, h in zip(batch.keys, found)})
     model.train(was_training)
     return {"enc": enc, "mask": mask, "chunked": chunked, "log_probs": log_probs,

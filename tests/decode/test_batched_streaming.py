@@ -19,6 +19,7 @@ import torch
 from moe_asr.cli import main
 from moe_asr.data.kaldi_text import read_table
 from moe_asr.decode.ctc import PrefixBeamSearch, ctc_prefix_beam_search
+from moe_asr.decode.options import DecodeOptions
 from moe_asr.decode.search import METHODS, decode
 from moe_asr.decode.streaming import StreamingRecognizer
 from moe_asr.model.u2pp import U2PPModel, build_model
@@ -78,10 +79,11 @@ def _run(rec: StreamingRecognizer, utts: dict[str, torch.Tensor], on_step=None) 
 def test_batched_streams_give_each_utterance_its_own_streaming_result(num_experts, rel_pos_shift, causal_pad,
                                                                       left):
     model, utts, chunk = _model(num_experts, rel_pos_shift, causal_pad), _utterances(), 4
-    rec = StreamingRecognizer(model, chunk, left, METHODS, beam_size=BEAM, ctc_weight=0.5, reverse_weight=0.3)
-    alone = {key: decode(model, feats[None], torch.tensor([feats.shape[0]]), METHODS, beam_size=BEAM,
-                         chunk_size=chunk, num_left_chunks=left, ctc_weight=0.5, reverse_weight=0.3,
-                         streaming=True)
+    options = DecodeOptions(chunk_size=chunk, num_left_chunks=left, beam_size=BEAM, ctc_weight=0.5,
+                            reverse_weight=0.3)
+    rec = StreamingRecognizer(model, options, METHODS)
+    alone = {key: decode(model, feats[None], torch.tensor([feats.shape[0]]), METHODS,
+                         replace(options, streaming=True))
              for key, feats in utts.items()}
     with torch.no_grad():
         posteriors = {key: model.ctc.log_softmax(model.encoder.forward_chunk_by_chunk(
@@ -109,22 +111,22 @@ def test_batched_streams_give_each_utterance_its_own_streaming_result(num_expert
 
 def test_one_method_at_a_time_and_partials_without_the_beam():
     model, utts = _model(4, True, "glu_output"), _utterances()
-    both = _run(StreamingRecognizer(model, 2, methods=METHODS, beam_size=BEAM), utts)
+    both = _run(StreamingRecognizer(model, DecodeOptions(chunk_size=2, beam_size=BEAM), METHODS), utts)
     for m in METHODS:
-        alone = _run(StreamingRecognizer(model, 2, methods=[m], beam_size=BEAM), utts)
+        alone = _run(StreamingRecognizer(model, DecodeOptions(chunk_size=2, beam_size=BEAM), [m]), utts)
         assert {k: list(v) for k, v in alone.items()} == {k: [m] for k in utts}
         assert {k: v[m] for k, v in alone.items()} == {k: v[m] for k, v in both.items()}, m
-    greedy = StreamingRecognizer(model, 2, methods=["ctc_greedy_search"])
+    greedy = StreamingRecognizer(model, DecodeOptions(chunk_size=2), ["ctc_greedy_search"])
     greedy.add("a", utts["utt0"], last=True)
     greedy.step()
     assert greedy.partial("a").tokens == decode(model, utts["utt0"][None, :14], torch.tensor([14]),
-                                                ["ctc_greedy_search"], chunk_size=2,
-                                                streaming=True)["ctc_greedy_search"][0].tokens
+                                                ["ctc_greedy_search"], DecodeOptions(chunk_size=2, streaming=True)
+                                                )["ctc_greedy_search"][0].tokens
 
 
 def test_stream_errors_are_clear():
     model = _model(1, True, "glu_output")
-    rec = StreamingRecognizer(model, 4)
+    rec = StreamingRecognizer(model, DecodeOptions(chunk_size=4))
     rec.add("a", torch.randn(30, 20))
     with pytest.raises(ValueError, match="already live"):
         rec.add("a")
@@ -136,11 +138,11 @@ def test_stream_errors_are_clear():
     with pytest.raises(ValueError, match="has ended"):
         rec.feed("a", torch.randn(3, 20))
     with pytest.raises(ValueError, match="chunk_size > 0"):
-        StreamingRecognizer(model, -1)
+        StreamingRecognizer(model, DecodeOptions(chunk_size=-1))
     with pytest.raises(ValueError, match="unknown decoding method"):
-        StreamingRecognizer(model, 4, methods=["beam"])
+        StreamingRecognizer(model, DecodeOptions(chunk_size=4), ["beam"])
     with pytest.raises(ValueError, match="eval mode"):
-        StreamingRecognizer(model.train(), 4)
+        StreamingRecognizer(model.train(), DecodeOptions(chunk_size=4))
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -181,4 +183,4 @@ def test_recognize_gives_the_same_text_with_any_number_of_streams(model_file, wa
     summaries = [json.loads((tmp_path / n / "summary.json").read_text()) for n in ("1", "3")]
     assert [set(s["modes"]) for s in summaries] == [{f"{m}_chunk8_left1_streaming" for m in modes.split(",")}] * 2
     assert main(["recognize", *options, "--streams", "0", "-o", str(tmp_path / "0")]) == 1
-    assert capsys.readouterr().err.strip().endswith("--streams must be >= 1")
+    assert capsys.readouterr().err.strip().endswith("moe-asr recognize: error: --streams must be >= 1, got 0")

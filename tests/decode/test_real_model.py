@@ -1,11 +1,14 @@
 """Every decoding method end to end on a tiny random U2++ model, checked for consistency."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from moe_asr.decode.attention import attention_beam_search
 from moe_asr.decode.ctc import ctc_prefix_beam_search
+from moe_asr.decode.options import DecodeOptions
 from moe_asr.decode.search import METHODS, decode
 from moe_asr.model.config import DecoderConfig, EncoderConfig, ModelConfig
 from moe_asr.moe.config import MoEConfig
@@ -52,8 +55,8 @@ def model() -> U2PPModel:
 @pytest.mark.parametrize("chunk_size,num_left_chunks", [(-1, -1), (2, 1)])
 def test_every_method_runs_and_streaming_matches_the_masked_forward(model, chunk_size, num_left_chunks):
     feats, lengths = feats_batch([40, 29, 17])
-    out = decode(model, feats, lengths, METHODS, beam_size=4, chunk_size=chunk_size,
-                 num_left_chunks=num_left_chunks)
+    options = DecodeOptions(beam_size=4, chunk_size=chunk_size, num_left_chunks=num_left_chunks)
+    out = decode(model, feats, lengths, METHODS, options)
     enc_lengths = model.encode(feats, lengths)[1].squeeze(1).sum(1).tolist()
     for name, hyps in out.items():
         assert len(hyps) == 3, name
@@ -63,8 +66,7 @@ def test_every_method_runs_and_streaming_matches_the_masked_forward(model, chunk
             assert all(0 <= t < VOCAB for t in hyp.tokens), name
             assert (EOS if name == "attention" else BLANK_ID) not in hyp.tokens, name
     if chunk_size > 0:
-        streamed = decode(model, feats, lengths, METHODS, beam_size=4, chunk_size=chunk_size,
-                          num_left_chunks=num_left_chunks, streaming=True)
+        streamed = decode(model, feats, lengths, METHODS, replace(options, streaming=True))
         for name in METHODS:
             assert [h.tokens for h in streamed[name]] == [h.tokens for h in out[name]], name
             assert [h.score for h in streamed[name]] == pytest.approx(
@@ -74,8 +76,8 @@ def test_every_method_runs_and_streaming_matches_the_masked_forward(model, chunk
 def test_rescoring_choice_and_score_recomputed_independently(model):
     feats, lengths = feats_batch([36, 21], seed=1)
     ctc_weight, reverse_weight, beam = 0.5, 0.3, 5
-    out = decode(model, feats, lengths, ["attention_rescoring"], beam_size=beam,
-                 ctc_weight=ctc_weight, reverse_weight=reverse_weight)["attention_rescoring"]
+    options = DecodeOptions(beam_size=beam, ctc_weight=ctc_weight, reverse_weight=reverse_weight)
+    out = decode(model, feats, lengths, ["attention_rescoring"], options)["attention_rescoring"]
     with torch.no_grad():
         memory, mask = model.encode(feats, lengths)
         logp = model.ctc.log_softmax(memory)
@@ -136,15 +138,15 @@ def test_batched_attention_beam_search_equals_each_utterance_alone(model):
 def test_model_without_r2l_decoder_decodes_with_default_weights():
     model = tiny_model(r_num_blocks=0, seed=1)
     feats, lengths = feats_batch([25, 18], seed=4)
-    default = decode(model, feats, lengths, ["attention_rescoring"], beam_size=3)
-    explicit = decode(model, feats, lengths, ["attention_rescoring"], beam_size=3, reverse_weight=0.0)
+    default = decode(model, feats, lengths, ["attention_rescoring"], DecodeOptions(beam_size=3))
+    explicit = decode(model, feats, lengths, ["attention_rescoring"], DecodeOptions(beam_size=3, reverse_weight=0.0))
     assert default == explicit
 
 
 def test_an_utterance_without_encoder_frames_decodes_to_nothing(model):
     # 3 feature frames are fewer than the subsampling needs for one output frame.
     feats, lengths = feats_batch([30, 3], seed=5)
-    out = decode(model, feats, lengths, METHODS, beam_size=3)
+    out = decode(model, feats, lengths, METHODS, DecodeOptions(beam_size=3))
     for name, hyps in out.items():
         assert hyps[1].tokens == [], name
         assert torch.isfinite(torch.tensor([h.score for h in hyps])).all(), name

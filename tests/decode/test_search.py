@@ -6,6 +6,7 @@ import torch
 
 from moe_asr.decode.attention import attention_beam_search, attention_rescoring
 from moe_asr.decode.ctc import ctc_greedy_search, ctc_prefix_beam_search
+from moe_asr.decode.options import DecodeOptions
 from moe_asr.decode.search import METHODS, Hypothesis, decode
 from tests.decode.decode_doubles import FakeModel
 
@@ -19,7 +20,7 @@ def batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor
 def test_every_method_matches_calling_the_algorithm_directly():
     model = FakeModel(vocab=6)
     feats, lengths = batch([7, 4, 5])
-    out = decode(model, feats, lengths, METHODS, beam_size=4, ctc_weight=0.5, reverse_weight=0.3)
+    out = decode(model, feats, lengths, METHODS, DecodeOptions(beam_size=4, ctc_weight=0.5, reverse_weight=0.3))
     assert set(out) == set(METHODS)
     assert all(len(hyps) == 3 and all(isinstance(h, Hypothesis) for h in hyps) for hyps in out.values())
 
@@ -44,8 +45,8 @@ def test_streaming_uses_the_chunk_by_chunk_encoder_and_restores_training_mode():
     model = FakeModel()
     model.train()
     feats, lengths = batch([5, 3])
-    out = decode(model, feats, lengths, ["ctc_greedy_search"], chunk_size=2, num_left_chunks=1,
-                 streaming=True)
+    out = decode(model, feats, lengths, ["ctc_greedy_search"],
+                 DecodeOptions(chunk_size=2, num_left_chunks=1, streaming=True))
     assert model.encoder.chunk_calls == [(2, 1)]
     assert list(out) == ["ctc_greedy_search"]
     assert model.training
@@ -57,18 +58,18 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="unknown decoding method"):
         decode(model, feats, lengths, ["ctc_greedy", "attention"])
     with pytest.raises(ValueError, match="chunk_size > 0"):
-        decode(model, feats, lengths, ["attention"], streaming=True)
+        decode(model, feats, lengths, ["attention"], DecodeOptions(streaming=True))
     with pytest.raises(ValueError, match="got 0"):
-        decode(model, feats, lengths, ["attention"], chunk_size=0)
+        decode(model, feats, lengths, ["attention"], DecodeOptions(chunk_size=0))
 
 
 def test_reverse_weight_is_ignored_without_an_r2l_decoder():
     feats, lengths = batch([6, 4], seed=1)
     without_r2l = FakeModel(has_r2l=False)
-    out = decode(without_r2l, feats, lengths, ["attention_rescoring"], reverse_weight=0.5)
-    expected = decode(without_r2l, feats, lengths, ["attention_rescoring"], reverse_weight=0.0)
+    out = decode(without_r2l, feats, lengths, ["attention_rescoring"], DecodeOptions(reverse_weight=0.5))
+    expected = decode(without_r2l, feats, lengths, ["attention_rescoring"], DecodeOptions(reverse_weight=0.0))
     assert out == expected
     # With the R2L decoder present the same weight does change the scores.
     with_r2l = FakeModel(has_r2l=True)
-    changed = decode(with_r2l, feats, lengths, ["attention_rescoring"], reverse_weight=0.5)
+    changed = decode(with_r2l, feats, lengths, ["attention_rescoring"], DecodeOptions(reverse_weight=0.5))
     assert [h.score for h in changed["attention_rescoring"]] != [h.score for h in out["attention_rescoring"]]

@@ -32,7 +32,7 @@ from moe_asr.data.manifest import Utterance
 from moe_asr.data.shards import SHARD_LIST, read_shard_list, write_shards
 from moe_asr.data.sources import wav_files
 from moe_asr.data.tokenizer import Tokenizer, read_symbol_table
-from moe_asr.decode import METHODS, decode
+from moe_asr.decode import METHODS, DecodeOptions, decode
 from moe_asr.engine.checkpoint import INDEX
 from moe_asr.run.config import ExperimentConfig
 from moe_asr.model.config import DecoderConfig, EncoderConfig, ModelConfig
@@ -40,7 +40,7 @@ from moe_asr.model.targets import add_sos_eos
 from moe_asr.model.u2pp import build_model
 from moe_asr.moe.config import MoEConfig
 from moe_asr.symbols import IGNORE_ID
-from moe_asr.tools import recognize as recognize_tool
+from moe_asr.inference import pipeline, transcribe
 from tests.engine.conftest import (DIGITS, FSDD, SMALL_MODEL, UNITS, build_corpus, data_overrides, run_training,
                                    train_cmd)
 
@@ -126,7 +126,8 @@ def _expected(model_file: Path, paths: dict[str, Path], modes=METHODS, **opts) -
     out: dict[str, dict[str, str]] = {m: {} for m in modes}
     for key, path in paths.items():
         feats = _features(path, loaded.config.data.features)
-        hyps = decode(loaded.model, feats[None], torch.tensor([feats.shape[0]]), modes, beam_size=BEAM, **opts)
+        hyps = decode(loaded.model, feats[None], torch.tensor([feats.shape[0]]), modes,
+                      DecodeOptions(beam_size=BEAM, **opts))
         for m in modes:
             out[m][key] = loaded.tokenizer.decode(hyps[m][0].tokens)
     return out
@@ -280,7 +281,7 @@ def test_average_decodes_the_mean_of_the_best_checkpoints(wavs, tmp_path, monkey
         monkeypatch.delenv(var, raising=False)
     corpus = build_corpus(tmp_path / "corpus", range(0, 1), range(45, 46), 20)
     run = tmp_path / "run"
-    overrides = {**SMALL_MODEL, **data_overrides(corpus), "model.moe.ep_size": 1, "train.max_epochs": 2,
+    overrides = {**SMALL_MODEL, **data_overrides(corpus), "parallel.ep_size": 1, "train.max_epochs": 2,
                  "train.warmup_steps": 1, "train.log_interval": 1}
     run_training(train_cmd(corpus, run, "ds_configs/zero0_cpu.json", overrides, 0, launcher="python"))
     index = json.loads((run / "checkpoints" / INDEX).read_text())
@@ -291,7 +292,7 @@ def test_average_decodes_the_mean_of_the_best_checkpoints(wavs, tmp_path, monkey
                                     if a.is_floating_point()) > 1e-3, "the two checkpoints should differ"
 
     decoded_with = []
-    monkeypatch.setattr(recognize_tool, "decode", lambda model, *a, **kw: decoded_with.append(model) or
+    monkeypatch.setattr(pipeline, "decode", lambda model, *a, **kw: decoded_with.append(model) or
                         decode(model, *a, **kw))
     out = tmp_path / "out"
     assert _recognize(run, out, *[str(p) for p in wavs.values()], "--average", "2") == 0
@@ -301,3 +302,16 @@ def test_average_decodes_the_mean_of_the_best_checkpoints(wavs, tmp_path, monkey
 
     assert main(["convert", "average", "--run", str(run), "--best", "2", "-o", str(tmp_path / "avg.pt")]) == 0
     _assert_mean(read_model_state(tmp_path / "avg.pt").state, states)
+
+
+def test_transcribe_is_recognize_in_three_lines(model_file, wavs, tmp_path):
+    """The library call the README shows gives what decoding each utterance alone gives, under its options."""
+    options = DecodeOptions(chunk_size=4, num_left_chunks=1, beam_size=BEAM)
+    texts = transcribe(model_file, list(wavs.values()), options)
+    chunked = _expected(model_file, wavs, ["attention_rescoring"], chunk_size=4, num_left_chunks=1)
+    assert texts == chunked["attention_rescoring"]
+    assert texts != _expected(model_file, wavs, ["attention_rescoring"])["attention_rescoring"]
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF0000WAVEjunk")
+    with pytest.raises(ValueError, match="^broken: "):
+        transcribe(model_file, [broken, wavs[KEYS[0]]])
