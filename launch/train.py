@@ -14,10 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import torch.distributed as dist  # noqa: E402
 
 from moe_asr.engine.checkpoint import CheckpointError  # noqa: E402
-from moe_asr.engine.deepspeed_moe import CheckpointFileError  # noqa: E402
 from moe_asr.run.config import ConfigError  # noqa: E402
 from moe_asr.engine.fingerprint import ResumeRefused  # noqa: E402
 from moe_asr.engine.loop import NonFiniteError  # noqa: E402
+from moe_asr.run.files import CheckpointFileError  # noqa: E402
 from moe_asr.train import main  # noqa: E402
 
 USER_ERRORS = {ConfigError: "config error", ResumeRefused: "resume refused", CheckpointError: "checkpoint error",

@@ -22,11 +22,13 @@ import torch
 import yaml
 
 from moe_asr.checkpoint import read_model_state
-from moe_asr.engine.checkpoint import LATEST, Checkpointer
+from moe_asr.engine.checkpoint import Checkpointer
 from moe_asr.run.config import ConfigError, ExperimentConfig, save_config
 from moe_asr.engine.fingerprint import ResumeRefused, check_resume, fingerprint
-from moe_asr.engine.training_state import TrainingState, apply_training_state
+from moe_asr.engine.training_state import apply_training_state
 from moe_asr.model.config import COMPUTE_KEYS, model_differences
+from moe_asr.run.layout import CHECKPOINTS, CONFIG, LATEST
+from moe_asr.run.training_state import TrainingState
 from moe_asr.schema import from_dict
 
 log = logging.getLogger("moe_asr.train")
@@ -102,7 +104,7 @@ def _init_from(path: str, cfg: ExperimentConfig, fresh_optimizer: bool) -> tuple
 
 
 # What a run leaves in its out-dir besides checkpoints; --overwrite removes them.
-RUN_FILES = ("train.yaml", "metrics.jsonl", "tensorboard", "checkpoints", "loss_curves.png", "expert_load.png")
+RUN_FILES = (CONFIG, "metrics.jsonl", "tensorboard", CHECKPOINTS, "loss_curves.png", "expert_load.png")
 
 
 def _start_point(args: argparse.Namespace, out_dir: Path, checkpoints: Checkpointer) -> Optional[str]:
@@ -163,7 +165,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise ConfigError(f"{args.config}: {e}") from None
     # Every rank decides from the out-dir as it is; nothing in it changes until all ranks have decided
     # and everything is loaded, so a refused or failed start leaves the run as it was.
-    checkpoints = Checkpointer(out_dir / "checkpoints", cfg.train.keep_checkpoints, info.rank)
+    checkpoints = Checkpointer(out_dir / CHECKPOINTS, cfg.train.keep_checkpoints, info.rank)
     tag = _start_point(args, out_dir, checkpoints)
     current = fingerprint(cfg, tokenizer, info.world_size, ds_config)
     if tag is not None:
@@ -192,7 +194,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 path = out_dir / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "train.yaml")
+        save_config(cfg, out_dir / CONFIG)
     barrier()
     log.info("training %s on %d rank(s), ep_size %d, ZeRO stage %d -> %s", args.config, info.world_size,
              cfg.parallel.ep_size, tm.zero_stage, out_dir)

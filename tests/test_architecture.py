@@ -89,3 +89,7 @@ def test_the_map_keeps_the_layers():
         assert "deepspeed" not in rooms[room][1], f"{room} may not import DeepSpeed"
     for room, (_, may) in rooms.items():
         assert not may & {"bench", "tests"} or room in ("bench", "tests"), room
+    # A run is read through its format, never through the code that wrote it.
+    assert not rooms["run"][1] & {"engine", "checkpoint", "train", "deepspeed"}
+    for reader in ("checkpoint", "inference", "tools"):
+        assert "engine" not in rooms[reader][1], f"{reader} reads runs through moe_asr.run, not the engine"

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from moe_asr.checkpoint.load import ModelState, read_model_state
-from moe_asr.engine.checkpoint import INDEX, CheckpointInfo
+from moe_asr.run.layout import CHECKPOINTS, INDEX, CheckpointInfo
 from moe_asr.model.config import model_differences
 
 
 def run_checkpoints(run_dir: str | Path, n: int, by: Literal["best", "last"]) -> list[Path]:
     """The tag directories of the ``n`` best (lowest CV loss first) or last (newest first) complete checkpoints."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS
     index_file = root / INDEX
     if not index_file.is_file():
         raise FileNotFoundError(f"{run_dir}: not a run directory (no checkpoints/{INDEX})")

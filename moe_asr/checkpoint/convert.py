@@ -18,7 +18,8 @@ import torch
 from moe_asr.checkpoint.load import ModelState, read_model_state
 from moe_asr.checkpoint.training_state import read_training_state
 from moe_asr.run.config import ExperimentConfig, load_config, precision, zero_stage
-from moe_asr.engine.deepspeed_moe import MODEL_FILE, load_file
+from moe_asr.run.files import load_file
+from moe_asr.run.layout import MODEL_FILE
 from moe_asr.model.config import model_differences
 from moe_asr.model.u2pp import build_model
 

@@ -28,14 +28,13 @@ import torch
 from torch import Tensor
 
 from moe_asr.data.tokenizer import Tokenizer
-from moe_asr.engine.checkpoint import LATEST, MANIFEST
 from moe_asr.run.config import ExperimentConfig, load_config
-from moe_asr.engine.deepspeed_moe import MODEL_FILE, load_file, read_deepspeed_model
+from moe_asr.run.files import load_file
+from moe_asr.run.layout import CHECKPOINTS, CONFIG, LATEST, MANIFEST, MODEL_FILE, read_deepspeed_model
 from moe_asr.model.u2pp import U2PPModel, build_model
 from moe_asr.schema import ConfigError, from_dict, to_dict
 
 FORMAT = "moe-asr/model/1"
-CONFIG = "train.yaml"
 
 
 @dataclass
@@ -63,7 +62,7 @@ def _tag_dir(path: Path, tag: Optional[str]) -> tuple[Path, Path]:
         if tag is not None:
             raise ValueError(f"{path}: is already checkpoint {path.name!r}; --tag {tag} does not apply")
         return _complete(path), path.parent.parent / CONFIG
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
     if not (root / LATEST).is_file() and not any((d / MODEL_FILE).is_file() for d in root.iterdir()):
         raise FileNotFoundError(f"{path}: not a run directory, a checkpoints directory or a checkpoint "
                                 f"(no checkpoints/, {LATEST} or {MODEL_FILE})")

@@ -29,9 +29,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from moe_asr.engine.checkpoint import trainer_state_file
-from moe_asr.engine.deepspeed_moe import MODEL_FILE, load_file
-from moe_asr.engine.training_state import MOMENTS, TrainingState
+from moe_asr.run.files import load_file
+from moe_asr.run.layout import MODEL_FILE, trainer_state_file
+from moe_asr.run.training_state import MOMENTS, TrainingState
 
 _ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 _STAGE0_FILE = re.compile(r"^expp_rank_(\d+)_mp_rank_00_optim_states\.pt$")

@@ -29,7 +29,7 @@ import math
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,28 +37,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moe_asr.engine.deepspeed_moe import load_file
-
-LATEST = "latest"
-INDEX = "checkpoints.json"
-MANIFEST = "manifest.json"
-
+from moe_asr.run.files import load_file
+from moe_asr.run.layout import INDEX, LATEST, MANIFEST, CheckpointInfo, trainer_state_file
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be resumed: missing, partial or damaged; the message names the tag and files."""
-
-
-@dataclass
-class CheckpointInfo:
-    tag: str
-    step: int
-    epoch: int
-    cv_loss: Optional[float] = None
-
-
-def trainer_state_file(rank: int) -> str:
-    """Rank ``rank``'s loop counters, loader position and RNG inside a checkpoint tag directory."""
-    return f"trainer_state_rank_{rank}.pt"
 
 
 def rng_state() -> dict[str, Any]:

@@ -15,11 +15,12 @@ import deepspeed
 import torch
 
 from moe_asr.run.config import ConfigError, ExperimentConfig, TrainConfig, precision, zero_stage
-from moe_asr.engine.deepspeed_moe import load_file, prepare_moe_layers
+from moe_asr.engine.deepspeed_moe import prepare_moe_layers
 from moe_asr.engine.distributed import DistInfo
 from moe_asr.engine.optim import build_optimizer, build_scheduler
 from moe_asr.model.u2pp import U2PPModel, build_model
 from moe_asr.moe.layer import MoEFeedForward
+from moe_asr.run.files import load_file
 
 # Keys the engine fills from the train: section.
 TRAIN_OWNED = ("optimizer", "scheduler", "gradient_clipping", "gradient_accumulation_steps",

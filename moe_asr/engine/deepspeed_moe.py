@@ -27,34 +27,26 @@ DeepSpeed's:
 * **key mapping**: our experts are stacked tensors (``experts.w1 [E_local, d, f]``);
   state-dict hooks present them as DeepSpeed's per-expert keys and stack them
   back, so DeepSpeed's own MoE save/load works unchanged for any ``ep_size``.
-  :func:`gather_experts` is the same mapping for reading a checkpoint
-  directory without DeepSpeed.
+  ``moe_asr.run.layout.gather_experts`` is the same mapping for reading a
+  checkpoint directory without DeepSpeed, and the key and file names live there.
 
 DeepSpeed itself is imported only inside the functions that need it at
-training time, so the key mapping serves checkpoint readers that must not
-import DeepSpeed (``moe_asr.checkpoint``).
+training time.
 """
 from __future__ import annotations
 
 import functools
-import pickle
-import re
-from collections import OrderedDict, defaultdict
-from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from collections import OrderedDict
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
-from tqdm import tqdm
+from torch import nn
 
 from moe_asr.moe.experts import PARAMS
 from moe_asr.moe.layer import MoEFeedForward
+from moe_asr.run.layout import EXPERT_KEY
 
-EXPERT_KEY = "deepspeed_moe.experts.deepspeed_experts"
-MODEL_FILE = "mp_rank_00_model_states.pt"
-EXPERT_FILE_GLOB = "layer_*_expert_*_mp_rank_00_model_states.pt"
-_EXPERT_KEY_RE = re.compile(rf"^(.*)\.{re.escape(EXPERT_KEY)}\.(\d+)\.({'|'.join(PARAMS)})$")
 
 
 def group_name(ep_size: int) -> str:
@@ -144,123 +136,6 @@ def _from_deepspeed_keys(module: MoEFeedForward, state_dict: dict, prefix: str, 
         keys = [f"{prefix}{EXPERT_KEY}.{e}.{name}" for e in range(module.experts.num_local)]
         if all(k in state_dict for k in keys):
             state_dict[f"{prefix}experts.{name}"] = torch.stack([state_dict.pop(k) for k in keys])
-
-
-def gather_experts(state: dict[str, Tensor], where: str, num_experts: Optional[int] = None) -> dict[str, Tensor]:
-    """DeepSpeed's per-expert keys (global ids, from every expert file) -> our stacked ``experts.<p>``.
-
-    Every other key passes through. A layer whose expert ids are not exactly
-    ``0..E-1`` (``E = num_experts`` when known, else the highest id found) is
-    an error naming the layer and the missing ids (``where``: the checkpoint,
-    for the message).
-    """
-    out: dict[str, Tensor] = {}
-    experts: dict[tuple[str, str], dict[int, Tensor]] = defaultdict(dict)
-    for key, value in state.items():
-        m = _EXPERT_KEY_RE.match(key)
-        if m:
-            experts[m.group(1), m.group(3)][int(m.group(2))] = value
-        else:
-            out[key] = value
-    for (layer, name), by_id in experts.items():
-        missing = sorted(set(range(num_experts or max(by_id) + 1)) - set(by_id))
-        if missing:
-            raise FileNotFoundError(f"{where}: layer {layer} has no {name} for expert(s) {missing} "
-                                    f"(an expert file is missing)")
-        out[f"{layer}.experts.{name}"] = torch.stack([by_id[e] for e in range(len(by_id))])
-    return out
-
-
-def read_deepspeed_model(tag_dir: Path, num_experts: Optional[int] = None) -> dict[str, Tensor]:
-    """The whole model state of one DeepSpeed checkpoint tag, experts stacked as our layers hold them."""
-    tag_dir = Path(tag_dir)
-    model_file = tag_dir / MODEL_FILE
-    if not model_file.is_file():
-        raise FileNotFoundError(f"{tag_dir}: not a DeepSpeed checkpoint (no {MODEL_FILE})")
-    state = dict(load_file(model_file)["module"])
-    for f in tqdm(sorted(tag_dir.glob(EXPERT_FILE_GLOB)), desc="expert files", unit="file", disable=None):
-        state.update(load_file(f))
-    return gather_experts(state, str(tag_dir), num_experts)
-
-
-class CheckpointFileError(ValueError):
-    """A file :func:`load_file` refuses (unpickling it could run code) or cannot read; the message names it."""
-
-
-def _numpy_arrays() -> list[Any]:
-    """NumPy arrays of numbers: the RNG states in ``trainer_state_rank_*.pt`` and in a file's training state."""
-    import numpy as np
-
-    rebuild = np.empty(0).__reduce__()[0]  # numpy.core.multiarray._reconstruct, numpy._core... since NumPy 2
-    numeric = {type(np.dtype(c)) for c in "?" + np.typecodes["AllInteger"] + np.typecodes["AllFloat"]}
-    return [(rebuild, "numpy.core.multiarray._reconstruct"), (rebuild, "numpy._core.multiarray._reconstruct"),
-            np.ndarray, np.dtype, *numeric]
-
-
-def _deepspeed_objects() -> list[Any]:
-    """The plain-data objects DeepSpeed 0.19.8 writes into ZeRO 1/2 optimizer files (loss scaler, stage, slices)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-# Everything a file may name beyond tensors and plain containers, by the name its pickle gives, and the
-# group that allows it: each is rebuilt from plain data without running anything the file supplies. A
-# group is imported only when a file names one of its members (reading a model must not import DeepSpeed).
-SAFE_GLOBALS: dict[str, Callable[[], list[Any]]] = {
-    "numpy.core.multiarray._reconstruct": _numpy_arrays,
-    "numpy._core.multiarray._reconstruct": _numpy_arrays,
-    "numpy.ndarray": _numpy_arrays,
-    "numpy.dtype": _numpy_arrays,
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler": _deepspeed_objects,
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler": _deepspeed_objects,
-    "deepspeed.runtime.zero.config.ZeroStageEnum": _deepspeed_objects,
-    "deepspeed.utils.tensor_fragment.fragment_address": _deepspeed_objects,
-}
-
-
-def load_file(path: str | Path, map_location: Any = "cpu") -> Any:
-    """``torch.load`` that never runs code from the file: weights, plain data and :data:`SAFE_GLOBALS` only.
-
-    Every model, checkpoint and state file is read here (DeepSpeed's own reads
-    too, see ``build_engine``). A file that names anything else is refused with
-    one error naming it and what it names; a damaged one is one error naming it.
-    """
-    try:
-        try:  # what the pickle names, read without unpickling it
-            named = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-        except ValueError:  # torch's legacy format (or no torch file): learnt from the unpickler's refusals below
-            named = set()
-        while True:
-            refused = sorted(named - SAFE_GLOBALS.keys())
-            if refused:
-                raise CheckpointFileError(f"{path}: refused: the file calls for {', '.join(refused)}, which is "
-                                          f"neither weights nor plain data (loading it could run code from it)")
-            try:
-                with torch.serialization.safe_globals([obj for group in {SAFE_GLOBALS[n] for n in named}
-                                                       for obj in group()]):
-                    return torch.load(path, map_location=map_location, weights_only=True)
-            except pickle.UnpicklingError as e:  # a name the scan could not see (legacy format): allow or refuse it
-                found = re.search(r"GLOBAL (\S+)", str(e))
-                if not found:
-                    raise
-                name = found.group(1) if "." in found.group(1) else f"builtins.{found.group(1)}"  # torch drops it
-                if name in named:
-                    raise
-                named.add(name)
-    except CheckpointFileError:
-        raise
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
-        raise CheckpointFileError(f"{path}: cannot read this checkpoint file ({type(e).__name__}: "
-                                  f"{_first_words(e)})") from None
-
-
-def _first_words(e: Exception) -> str:
-    """The line of an error message that says what went wrong (torch's unpickler wraps it in advice)."""
-    text = str(e).split("WeightsUnpickler error:")[-1]
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
 def split_moe_param_groups(param_groups: list[dict]) -> list[dict]:

@@ -1,19 +1,13 @@
-"""A training state that no layout is baked into: continue a run at another ep_size, world size or ZeRO stage.
+"""Continue a layout-free training state (``moe_asr.run.training_state``) in a freshly built engine.
 
 DeepSpeed's optimizer files are per rank and per partition (ZeRO flattens
 each parameter group and splits it over that group's data-parallel ranks,
-expert groups over fewer ranks than dense ones) and it refuses them under
-another layout. :class:`TrainingState` holds the same information by
-parameter name instead: each parameter's full AdamW moments (every expert),
-Adam's step, where the learning-rate schedule is, DeepSpeed's step counters
-and the loop's counters, plus each old rank's loader position and RNG
-(usable only at the same world size). ``moe_asr.checkpoint.training_state``
-builds it from a DeepSpeed checkpoint; :func:`apply_training_state` writes it
-into a freshly built engine of any layout.
+expert groups over fewer ranks than dense ones); :func:`apply_training_state`
+writes a state held by parameter name into those partitions for whatever
+layout the new engine has.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,21 +15,7 @@ from torch import Tensor, nn
 
 from moe_asr.engine.deepspeed_moe import is_expert_param
 from moe_asr.moe.layer import MoEFeedForward
-
-MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state besides its step
-
-
-@dataclass
-class TrainingState:
-    step: int                              # optimizer steps taken (DeepSpeed's global_steps)
-    skipped_steps: int                     # of those, skipped for a non-finite gradient
-    global_samples: int
-    lr_step: int                           # steps the LR schedule has advanced (non-skipped steps)
-    adam_step: float                       # AdamW's step count (bias correction)
-    moments: dict[str, dict[str, Tensor]]  # parameter name -> {"exp_avg", "exp_avg_sq"}, full tensors
-    loop: dict[str, Any]                   # the training loop's counters (epoch, step, ...)
-    ranks: list[dict[str, Any]] = field(default_factory=list)  # per old rank: loader, rng, expert_tokens
-    layout: dict[str, int] = field(default_factory=dict)       # what it was read from: world, ep_size, zero
+from moe_asr.run.training_state import MOMENTS, TrainingState
 
 
 def _local_slices(model: nn.Module) -> dict[int, slice]:

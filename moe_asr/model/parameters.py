@@ -30,8 +30,7 @@ def _component(name: str) -> str:
             block = parts[3]
             return {"self_attn": "encoder.attention", "conv_module": "encoder.convolution"}.get(block, "encoder.norms")
         return {"embed": "encoder.subsampling", "after_norm": "encoder.norms"}.get(sub, f"encoder.{sub}")
-    decoder = parts[1]  # left_decoder / right_decoder
-    sub = parts[2]
+    sub = parts[2]  # parts[1] is left_decoder / right_decoder: both count as the decoder
     if sub == "decoders":
         block = parts[4]
         kind = "attention" if block in ("self_attn", "src_attn") else "norms"

@@ -34,7 +34,7 @@ import pytest
 import torch
 
 from moe_asr.checkpoint import read_model_state
-from moe_asr.engine.deepspeed_moe import read_deepspeed_model
+from moe_asr.run.layout import read_deepspeed_model
 from tests.engine.conftest import REPO, SMALL_MODEL, data_overrides, read_metrics, run_training, train_cmd
 from tests.engine.test_expert_parallel_training import NO_DROPOUT
 

@@ -30,7 +30,7 @@ import torch
 
 from moe_asr.checkpoint import FORMAT, load_model, read_model_state
 from moe_asr.cli import main
-from moe_asr.engine.deepspeed_moe import SAFE_GLOBALS, CheckpointFileError, load_file
+from moe_asr.run.files import SAFE_GLOBALS, CheckpointFileError, load_file
 from tests.engine.conftest import REPO, SMALL_MODEL, data_overrides, read_metrics, run_training, train_cmd
 
 PAYLOADS = {"os.system": f"{os.system.__module__}.system", "exec": "builtins.exec"}

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from moe_asr.engine.checkpoint import INDEX, LATEST, MANIFEST, Checkpointer, trainer_state_file
+from moe_asr.engine.checkpoint import Checkpointer
+from moe_asr.run.layout import INDEX, LATEST, MANIFEST, trainer_state_file
 from tests.engine.conftest import REPO, SMALL_MODEL, data_overrides, train_cmd
 from tests.processes import Proc, alive, process, stat
 

@@ -9,7 +9,8 @@ import torch
 
 from moe_asr.run.config import ConfigError, TrainConfig
 from moe_asr.engine.deepspeed_engine import deepspeed_config
-from moe_asr.engine.deepspeed_moe import gather_experts, prepare_moe_layers
+from moe_asr.engine.deepspeed_moe import prepare_moe_layers
+from moe_asr.run.layout import gather_experts
 from moe_asr.engine.optim import WarmupDecay, param_groups
 from moe_asr.train import load_experiment
 from moe_asr.model.u2pp import build_model

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_asr.engine.deepspeed_moe import read_deepspeed_model
+from moe_asr.run.layout import read_deepspeed_model
 from tests.engine.conftest import SMALL_MODEL, data_overrides, read_metrics, run_training, train_cmd
 
 NO_DROPOUT = {f"model.{part}.{key}": 0.0 for part in ("encoder", "decoder")

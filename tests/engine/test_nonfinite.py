@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from moe_asr.engine.checkpoint import INDEX
-from moe_asr.engine.deepspeed_moe import read_deepspeed_model
+from moe_asr.run.layout import INDEX, read_deepspeed_model
 from tests.engine.conftest import (REPO, SMALL_MODEL, data_overrides, read_metrics,
                                    run_training, train_cmd)
 

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from moe_asr.engine.deepspeed_moe import read_deepspeed_model
+from moe_asr.run.layout import read_deepspeed_model
 from tests.engine.conftest import (REPO, SMALL_MODEL, data_overrides, read_metrics,
                                    run_training, train_cmd)
 

@@ -26,7 +26,8 @@ import pytest
 import torch
 
 from moe_asr.checkpoint import read_model_state
-from moe_asr.engine.checkpoint import MANIFEST, Checkpointer
+from moe_asr.engine.checkpoint import Checkpointer
+from moe_asr.run.layout import MANIFEST
 from tests.engine.conftest import REPO, SMALL_MODEL, Corpus, data_overrides, read_metrics, run_training, train_cmd
 from tests.helpers import require
 

@@ -33,7 +33,7 @@ from moe_asr.data.shards import SHARD_LIST, read_shard_list, write_shards
 from moe_asr.data.sources import wav_files
 from moe_asr.data.tokenizer import Tokenizer, read_symbol_table
 from moe_asr.decode import METHODS, DecodeOptions, decode
-from moe_asr.engine.checkpoint import INDEX
+from moe_asr.run.layout import INDEX
 from moe_asr.run.config import ExperimentConfig
 from moe_asr.model.config import DecoderConfig, EncoderConfig, ModelConfig
 from moe_asr.model.targets import add_sos_eos
