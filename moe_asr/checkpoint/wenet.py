@@ -39,6 +39,9 @@ from moe_asr.symbols import BLANK_ID, LAST, UNK_ID, SosEos
 
 CMVN_KEYS = ("encoder.global_cmvn.mean", "encoder.global_cmvn.istd")
 DENSE, MOE = "position_wise_feed_forward", "moe"
+# WeNet's MoE gate (bias-free Linear, top-k of its logits, softmax over the k) is our registered `topk`
+# router (moe_asr.moe.registry), whose Linear is its `gate`: the imported config names it explicitly.
+WENET_ROUTER = "topk"
 # Top-level keys of WeNet models other than the CTC/attention U2++ model.
 OTHER_MODELS = ("predictor", "joint_conf", "cif_predictor_conf", "paraformer", "lfmmi_dir")
 # WeNet `speed_perturb: true` draws one of these factors per utterance.
@@ -297,7 +300,7 @@ def _experiment_config(train_yaml: Path, cmvn: Optional[Path] = None,
     where = _cmvn(top, cmvn)
     tokenizer, table, sos_eos = _tokenizer(top, units, vocab_size)
     model = {"vocab_size": vocab_size, "input_dim": input_dim, "encoder": encoder, "decoder": decoder,
-             "moe": {"num_experts": ffn[1], "top_k": ffn[2]},
+             "moe": {"num_experts": ffn[1], "top_k": ffn[2], "router": WENET_ROUTER},
              "cmvn": str(where.path) if where.path else None, "sos_eos_id": sos_eos,
              **_model_conf(top.sub("model_conf"))}
     data = {"features": _features(top, input_dim), "tokenizer": tokenizer}
