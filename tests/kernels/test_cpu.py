@@ -152,3 +152,16 @@ def test_moe_ffn_fused_small_path_matches_loop(n, k, e, skew, fuses):
     grads_ref = torch.autograd.grad((y_ref * g).sum(), refs)
     for i, (a, b) in enumerate(zip(grads, grads_ref)):
         torch.testing.assert_close(a, b, msg=f"grad {i}")
+
+
+def test_no_rows_still_gives_every_weight_a_zero_gradient():
+    """A rank whose experts receive no rows must still produce (zero) expert gradients: ZeRO reduces a
+    parameter's gradient only where its hook fired, so None on one rank of an expert-data-parallel group
+    and a tensor on another would make them reduce different buckets."""
+    w = _weights(4, 6, 5)
+    rows = torch.zeros(0, 6, requires_grad=True)
+    out = cpu.grouped_ffn(rows, [0, 0, 0, 0], *w)
+    assert out.shape == (0, 6)
+    out.sum().backward()
+    for p in w:
+        assert p.grad is not None and not p.grad.any()
