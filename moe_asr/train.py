@@ -142,6 +142,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from moe_asr.engine.distributed import barrier, init_distributed, shutdown_distributed
     from moe_asr.engine.logging import setup_console
     from moe_asr.engine.loop import Trainer
+    from moe_asr.engine.run_lock import hold_run_dir
 
     try:
         tokenizer = Tokenizer.from_config(cfg.data.tokenizer, cfg.model.sos_eos_id)
@@ -158,6 +159,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg.parallel.check_world(info.world_size)
     except ConfigError as e:
         raise ConfigError(f"{args.config}: {e}") from None
+    hold_run_dir(out_dir, info.rank)  # one live writer per out-dir, taken before anything in it is read
     weights, state = _init_from(args.init_from, cfg, args.fresh_optimizer) if args.init_from else (None, None)
     try:
         loaders = build_loader(cfg.data, "train", tokenizer), build_loader(cfg.data, "cv", tokenizer)

@@ -24,6 +24,7 @@ from typing import Mapping, NoReturn, Optional
 import torch
 import torch.distributed as dist
 
+from moe_asr.engine.run_lock import release_held
 from moe_asr.lifetime import die_with_parent
 
 log = logging.getLogger("moe_asr.train")
@@ -72,6 +73,7 @@ def _is_deepspeed_node_launcher(pid: int) -> bool:
 def _launcher_gone(rank: str, pid: int) -> NoReturn:
     """End at once, from any thread: no checkpoint is written, one being written stays partial."""
     log.error("rank %s: the launcher (pid %d) is gone: exiting without a checkpoint", rank, pid)
+    release_held()  # os._exit skips atexit: leave no lock behind for the next start
     os._exit(1)
 
 
