@@ -81,7 +81,8 @@ def _locate_tile(counts_ptr, tile, E, E_P2: tl.constexpr, ROWS):
     return e, tile - tile0, row0, count, (count + ROWS - 1) // ROWS, split_before, valid
 
 
-@triton.jit
+# Row and expert counts are not specialised on (divisibility by 16): one compile serves every batch size.
+@triton.jit(do_not_specialize=["M", "E"])
 def _grouped_gemm_kernel(
         x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, mask_ptr, counts_ptr,
         M, N, K, E,
@@ -183,7 +184,7 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, bias: t
     return (y, z) if store_z else y
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "E", "CHUNK", "SLOTS"])
 def _grouped_wgrad_kernel(
         x_ptr, dy_ptr, dw_ptr, db_ptr, ws_ptr, wsb_ptr, counts_ptr,
         M, K, N, E, CHUNK, SLOTS,
@@ -234,7 +235,7 @@ def _grouped_wgrad_kernel(
                     tl.store(wsb_ptr + slot.to(tl.int64) * N + rn, dbias, mask=n_ok & first_k)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["E", "CHUNK", "SLOTS"])
 def _reduce_chunks(ws_ptr, out_ptr, counts_ptr, E, CHUNK, SLOTS, SIZE, stride_oe,
                    E_P2: tl.constexpr, BLOCK: tl.constexpr):
     """``out[e] = sum of e's partial sums`` for a split expert, zeros for an expert without rows."""

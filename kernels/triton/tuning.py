@@ -54,7 +54,8 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _smem_limit(device: torch.device) -> int:
+def smem_limit(device: torch.device) -> int:
+    """Shared memory one block may opt into on ``device`` (227 KiB on sm90)."""
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
@@ -72,7 +73,7 @@ class Tuner:
         """Tiles that fit the device's shared memory in ``dtype`` and have not failed."""
         if INTERPRET or device.type != "cuda":
             return [self.interpret_tile]
-        limit = _smem_limit(device)
+        limit = smem_limit(device)
         size = torch.empty((), dtype=dtype).element_size()
         return [t for t in self.tiles if self.smem(t, size) <= limit and (t, dtype) not in self.failed]
 

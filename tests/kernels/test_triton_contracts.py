@@ -46,7 +46,8 @@ m.fp32_precision = "tf32"
 out["new tf32"] = input_precision(torch.float32)
 torch.backends.fp32_precision = "tf32"          # the global switch reaches matmuls
 out["global tf32"] = input_precision(torch.float32)
-x, w = torch.randn(6, 8), torch.randn(2, 8, 16)
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+x, w = torch.randn(6, 8, device=dev), torch.randn(2, 8, 16, device=dev)
 y = kernels.grouped_mm(x, w, torch.tensor([2, 4]), backend="triton")   # an fp32 GEMM under the new API
 out["gemm"] = float((y - torch.cat([x[:2] @ w[0], x[2:] @ w[1]])).abs().max())
 print(json.dumps(out))
@@ -223,7 +224,7 @@ def gpu_tuner(monkeypatch):
     from moe_asr_kernels.triton import grouped_gemm as gg
     from moe_asr_kernels.triton import tuning
     monkeypatch.setattr(tuning, "INTERPRET", False)
-    monkeypatch.setattr(tuning, "_smem_limit", lambda device: 232448)      # sm90
+    monkeypatch.setattr(tuning, "smem_limit", lambda device: 232448)      # sm90
     capture = {"on": False}
     monkeypatch.setattr(tuning, "_capturing", lambda device: capture["on"])
     benched = []
