@@ -1,42 +1,54 @@
 #!/usr/bin/env bash
-# One-shot GPU measurement for the MoE kernels: correctness on CUDA, then the
-# benchmark tables, then the paper's headline (MoE-1B vs Dense-225M RTF). Installs nothing; run from anywhere, on a machine with
-# torch + triton (deepspeed optional: skipped if missing).
+# One-shot GPU check and measurement of the MoE kernels, from a fresh checkout on a machine with torch and
+# triton (nothing installed: bench/gpu_lib.sh). Every step has its own time limit (they add up to 475 s)
+# and writes its own file under $OUT as it goes, so a step that runs out of time loses only its own rows:
 #
-#   OUT=/some/dir bench/gpu.sh          # results under $OUT (default ./bench_gpu_out)
+#   env.txt    devices, versions, where the kernels were imported from
+#   sweep.csv  every forward and weight-gradient tile in bf16, fp16, fp32 (IEEE and TF32) against an fp32
+#              torch reference: compile time, resource failures, max error (tiles compiled in parallel)
+#   tests.log  the kernel tests on CUDA with the default tile (MOE_KERNELS_TUNE=0: no tuning compiles),
+#   tests.xml  in parallel where pytest-xdist is installed; junit XML
+#   large.txt  1M tokens, d 1024, FFN 4096, bf16 (outputs past 2^31 elements), sampled against torch
+#   gemm.md    grouped GEMM forward and weight gradient: ours vs torch._grouped_mm vs bmm vs a per-expert
+#              loop, 8 and 64 experts, 256 to 2M rows, uniform / Zipf / empty experts (triton do_bench)
+#   layer.md   MoE layer forward+backward; 16-token streaming step eager vs CUDA-graph replay
+#   log.txt    every step's stderr and its line "step NAME limit_s=.. seconds=.. rc=.."
 #
-# Budget: about 7 to 10 minutes on an H100/H200 (first-call autotuning included; step 4 at most 150 s).
+#   OUT=/some/dir bench/gpu.sh       # on a GPU (default OUT: ./bench_gpu_out)
+#   OUT=/some/dir bench/gpu.sh --cpu # the same steps on tiny shapes, CPU tensors under TRITON_INTERPRET=1:
+#                                    # proves the script (tests/bench/test_gpu_script.py), measures nothing
+# The model-level rows (bench-rtf, training throughput) are bench/gpu_model.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-}
-if [ -z "$PY" ]; then
-  if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch" 2>/dev/null; then PY=.venv/bin/python; else PY=python; fi
-fi
+. bench/gpu_lib.sh
+pick_python
+kernels_on_path
 OUT=${OUT:-bench_gpu_out}
 mkdir -p "$OUT"
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
-  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-} | tee "$OUT/env.txt"
+: > "$OUT/log.txt"
 
-# 1. Correctness of every kernel on CUDA (fp32, fp16, bf16), forward and all gradients.
-if $PY -c "import pytest" 2>/dev/null; then
-  timeout 240 $PY -m pytest tests/kernels -q -x -p no:cacheprovider -o addopts="" 2>&1 | tail -20 | tee "$OUT/gpu_tests.txt"
+if [ "${1:-}" = "--cpu" ]; then
+  export TRITON_INTERPRET=1 MOE_KERNELS_BACKEND=triton
+  ARGS=(--device cpu --tiny)
+  TESTS=(tests/kernels/test_triton.py -k "grouped_gemm_forward_backward and mixed and float32")
+  WORKERS=1
 else
-  echo "pytest not installed: correctness tests skipped" | tee "$OUT/gpu_tests.txt"
+  ARGS=()
+  TESTS=(tests/kernels)
+  WORKERS=8
 fi
+PARALLEL=()
+if [ -z "${TRITON_INTERPRET:-}" ] && "$PY" -c "import xdist" 2>/dev/null; then PARALLEL=(-n 8); fi
+TIMEOUT=()
+if "$PY" -c "import pytest_timeout" 2>/dev/null; then TIMEOUT=(--timeout 120); fi
 
-# 2. Grouped GEMM alone vs torch.bmm (uniform groups) and the per-expert loop (skewed), bf16;
-#    then whole-layer rows (grouped / loop / deepspeed / dense), bf16.
-timeout 420 $PY -m bench.kernels --device cuda --dtype bf16 --preset gpu --d 256 1024 --gemm \
-  --rounds 3 --round-seconds 0.05 --json "$OUT/bench_bf16.json" 2>&1 | tee "$OUT/bench_bf16.md"
-
-# 3. fp32 and fp16 spot checks of the layer (small grid).
-timeout 120 $PY -m bench.kernels --device cuda --dtype fp16 --preset quick --rounds 3 --round-seconds 0.05 \
-  2>&1 | tee "$OUT/bench_fp16.md"
-# 4. The paper's claim: RTF of MoE-1B vs Dense-225M (random weights), full context and streaming.
-timeout 150 $PY -m moe_asr.cli bench-rtf conf/paper_dense_225m.yaml conf/paper_moe_1b.yaml --device cuda \
-  --seconds 10 --modes encoder,attention_rescoring --contexts full,16 --streams 1,16 --rounds 3 \
-  --json "$OUT/bench_rtf_paper.json" 2>&1 | tee "$OUT/bench_rtf_paper.md"
-echo "results in $OUT"
+step env 15 env.txt "$PY" -m bench.gpu env "${ARGS[@]}"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm \
+  --format=csv >> "$OUT/env.txt" 2>&1
+step sweep 100 sweep.csv "$PY" -m bench.gpu sweep --workers "$WORKERS" "${ARGS[@]}"
+step tests 150 tests.log env MOE_KERNELS_TUNE=0 "$PY" -m pytest "${TESTS[@]}" -v -p no:cacheprovider \
+  -o addopts="" "${PARALLEL[@]}" "${TIMEOUT[@]}" --junitxml="$OUT/tests.xml"
+step large 60 large.txt env MOE_KERNELS_TUNE=0 "$PY" -m bench.gpu large "${ARGS[@]}"
+step gemm 100 gemm.md "$PY" -m bench.gpu gemm "${ARGS[@]}"
+step layer 50 layer.md env MOE_KERNELS_TUNE=0 "$PY" -m bench.gpu layer "${ARGS[@]}"
+echo "step limits add up to ${STEP_LIMITS}s; results in $OUT" | tee -a "$OUT/log.txt"

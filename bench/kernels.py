@@ -2,14 +2,15 @@
 
     python -m bench.kernels                       # CPU: the goal shapes, fp32, 2 threads
     python -m bench.kernels --preset full         # the whole grid (long on CPU)
-    python -m bench.kernels --device cuda --dtype bf16 --preset full --gemm
+    python -m bench.kernels --device cuda --dtype bf16 --preset full
 
 Each row times one whole ``MoEFeedForward`` forward (router, dispatch, experts,
 combine; ``--backward`` adds forward+backward) for ``grouped`` (our kernels),
 ``loop`` (WeNet's per-expert loop), ``deepspeed`` (``deepspeed.moe.layer.MoE``
 dropless, same weights) and ``dense`` (one FFN with ffn = k * expert ffn, i.e.
-the same FLOPs per token). Candidates run interleaved, in several rounds, and
-the best round counts (robust to other load on a shared machine). ``floor`` is
+the same FLOPs per token). On CPU candidates run interleaved, in several rounds,
+and the best round counts (robust to other load on a shared machine); on CUDA
+each is timed by ``triton.testing.do_bench``. ``floor`` is
 the time to run one row through every touched expert (reading their weights
 once), the least any MoE path can spend at small token counts on CPU.
 """
@@ -141,14 +142,19 @@ CLOCK = time.perf_counter
 
 
 def timeit(fns: dict, device: str, rounds: int, round_s: float) -> dict[str, float]:
-    """Best-of-rounds seconds per call; candidates interleaved within each round."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    """Seconds per call. CUDA: ``triton.testing.do_bench`` (mean after warm-up, L2 flushed between calls),
+    ``rounds`` times, best kept. CPU: best of rounds, candidates interleaved within each round (robust to
+    other load on a shared machine)."""
+    if device == "cuda":
+        import triton.testing
+        return {name: min(triton.testing.do_bench(fn, warmup=10, rep=max(1, int(round_s * 1e3)))
+                          for _ in range(rounds)) / 1e3 for name, fn in fns.items()}
     clock = CLOCK
     iters = {}
     for name, fn in fns.items():
-        fn(); fn(); sync()
+        fn(); fn()
         t0 = clock()
-        fn(); sync()
+        fn()
         one = max(clock() - t0, 1e-6)
         iters[name] = max(1, min(10_000, int(round_s / one)))
     best = {name: float("inf") for name in fns}
@@ -156,11 +162,9 @@ def timeit(fns: dict, device: str, rounds: int, round_s: float) -> dict[str, flo
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             fn, n = fns[name], iters[name]
-            sync()
             t0 = clock()
             for _ in range(n):
                 fn()
-            sync()
             best[name] = min(best[name], (clock() - t0) / n)
     return best
 
@@ -180,42 +184,6 @@ def run_case(case: Case, impls, device, dtype, rounds, round_s) -> tuple[list[Re
     return results, {"touched": touched, "top_share": share}
 
 
-def gemm_bench(device: str, dtype: torch.dtype, rounds: int, round_s: float) -> list[str]:
-    """GPU only: the grouped GEMM alone vs ``torch.bmm`` (uniform groups) and a per-expert loop (skewed)."""
-    import moe_asr_kernels as kernels
-    lines = ["| shape | routing | grouped TFLOP/s | bmm TFLOP/s | loop TFLOP/s | grouped/bmm | grouped/loop |",
-             "|---|---|---|---|---|---|---|"]
-    for e, m_per, k, n in [(8, 4096, 1024, 4096), (64, 1024, 1024, 4096), (64, 512, 2048, 8192),
-                           (8, 8192, 4096, 16384)]:
-        for routing in ("uniform", "skewed"):
-            m = e * m_per
-            if routing == "uniform":
-                counts = torch.full((e,), m_per, dtype=torch.long)
-            else:
-                p = 1.0 / torch.arange(1, e + 1, dtype=torch.float64)
-                counts = (p / p.sum() * m).floor().long()
-                counts[0] += m - int(counts.sum())
-            x = torch.randn(m, k, device=device, dtype=dtype)
-            w = torch.randn(e, k, n, device=device, dtype=dtype) / k ** 0.5
-            cdev = counts.to(device)
-            blocks = list(enumerate(zip((counts.cumsum(0) - counts).tolist(), counts.tolist())))
-            fns = {"grouped": lambda: kernels.grouped_mm(x, w, cdev),
-                   "loop": lambda: [x[s:s + c] @ w[i] for i, (s, c) in blocks]}
-            if routing == "uniform":
-                xb = x.view(e, m_per, k)
-                fns["bmm"] = lambda: torch.bmm(xb, w)
-            t = timeit(fns, device, rounds, round_s)
-            fl = 2 * m * k * n
-            tf = {kk: fl / v / 1e12 for kk, v in t.items()}
-            bmm = tf.get("bmm")
-            lines.append(f"| E={e} M={m} K={k} N={n} | {routing} | {tf['grouped']:.0f} | "
-                         f"{bmm:.0f} | {tf['loop']:.0f} | {tf['grouped'] / bmm:.2f} | {tf['grouped'] / tf['loop']:.2f} |"
-                         if bmm else
-                         f"| E={e} M={m} K={k} N={n} | {routing} | {tf['grouped']:.0f} | - | {tf['loop']:.0f} | - | "
-                         f"{tf['grouped'] / tf['loop']:.2f} |")
-    return lines
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m bench.kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,7 +199,6 @@ def main(argv: list[str] | None = None) -> None:
                     help="process: CPU time of this process (with --threads 1, immune to being descheduled)")
     ap.add_argument("--rows", type=int, nargs="+", help="run only these rows (0-based) of the preset")
     ap.add_argument("--no-header", action="store_true", help="print result rows only (to append runs)")
-    ap.add_argument("--gemm", action="store_true", help="also time the grouped GEMM alone (cuda)")
     ap.add_argument("--json", help="write all results to this file")
     args = ap.parse_args(argv)
     if args.device == "cpu":
@@ -273,9 +240,6 @@ def main(argv: list[str] | None = None) -> None:
                     f"{by['grouped'].ms / by['floor'].ms:.2f} |" if "grouped" in by else ""
         print(line, flush=True)
         everything += [dict(asdict(r), **stats) for r in res]
-    if args.gemm and args.device == "cuda":
-        print()
-        print("\n".join(gemm_bench(args.device, dtype, args.rounds, args.round_seconds)), flush=True)
     header(f"# load at end={os.getloadavg()[0]:.2f}")
     if args.json:
         with open(args.json, "w") as f:
