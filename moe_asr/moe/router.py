@@ -62,8 +62,8 @@ class Router(nn.Module):
         if self.training:
             with torch.no_grad():
                 self.tokens_per_expert = torch.bincount(experts.flatten(), minlength=self.num_experts)
-                p = probs.detach().float()
-                self.entropy = -(p * p.clamp_min(1e-9).log()).sum(-1).mean()
+                p = probs.detach().float()  # no tokens (a rank given only padding): entropy 0, not NaN
+                self.entropy = -(p * p.clamp_min(1e-9).log()).sum() / max(p.shape[0], 1)
 
     def onnx_logits(self, x: Tensor) -> Tensor | None:
         """Logits whose top-k, softmaxed over the k, is this router's routing; None if there are none."""
@@ -93,7 +93,8 @@ class TopKRouter(Router):
             probs = torch.softmax(logits.float(), dim=-1)
             aux = aux + self.aux_loss_coef * load_balancing_loss(probs, experts, self.num_experts)
         if self.z_loss_coef > 0:
-            aux = aux + self.z_loss_coef * torch.logsumexp(logits.float(), dim=-1).square().mean()
+            z = torch.logsumexp(logits.float(), dim=-1).square()
+            aux = aux + self.z_loss_coef * z.sum() / max(z.numel(), 1)
         if self.training:
             self.record(experts, probs if probs is not None else torch.softmax(logits.detach().float(), dim=-1))
         return routing, aux
@@ -117,6 +118,8 @@ def load_balancing_loss(probs: Tensor, experts: Tensor, num_experts: int) -> Ten
     ``f_e`` is the fraction of the N*k assignments given to expert e (not
     differentiable), ``P_e`` the mean router probability of e (differentiable).
     """
+    if experts.numel() == 0:  # no tokens here: no imbalance to penalise (and no 0/0)
+        return probs.sum() * 0
     counts = torch.bincount(experts.flatten(), minlength=num_experts).to(probs.dtype)
     fraction = counts / experts.numel()
     return num_experts * (fraction * probs.mean(0)).sum()

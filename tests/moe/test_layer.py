@@ -175,3 +175,15 @@ def test_moe_config_rules_name_the_key():
                             ({"impl": "deepspeed", "top_k": 1}, "impl: deepspeed is a comparison path")]:
         with pytest.raises(ConfigError, match=message):
             MoEConfig(**kwargs)
+
+
+def test_a_router_given_no_tokens_reports_zeros_not_nan():
+    """A rank whose batch is all padding routes nothing: its losses and entropy must stay finite (0), or one
+    NaN poisons the all-reduced loss and the logged entropy of every rank."""
+    router = TopKRouter(6, MoEConfig(4, 2, aux_loss_coef=0.01, z_loss_coef=0.001)).train()
+    x = torch.zeros(0, 6, requires_grad=True)
+    routing, aux = router(x)
+    assert routing.experts.shape == (0, 2) and aux.item() == 0.0
+    assert router.entropy.item() == 0.0 and router.tokens_per_expert.tolist() == [0, 0, 0, 0]
+    aux.backward()
+    assert router.gate.weight.grad is not None and not router.gate.weight.grad.any()
