@@ -44,6 +44,15 @@ def deepspeed_config(path: str | Path, train: TrainConfig) -> dict:
         raise ConfigError(f"{path}: ZeRO stage {stage} does not support DeepSpeed MoE layers; use 0, 1 or 2")
     if stage == 0 and mixed:
         raise ConfigError(f"{path}: bf16/fp16 training needs ZeRO stage 1 or 2 (stage 0 is the fp32 CPU path)")
+    zero = cfg.get("zero_optimization", {})
+    if stage == 1 and zero.get("contiguous_gradients") is False:
+        # DeepSpeed 0.19.8's non-contiguous ZeRO 1 path reduces gradient buckets over the whole data-parallel
+        # world (buffered_reduce_fallback -> allreduce_bucket on dp_process_group), MoE groups or not.
+        raise ConfigError(f"{path}: contiguous_gradients: false at ZeRO stage 1 all-reduces expert gradients over "
+                          f"every rank, summing different experts' gradients; remove it (true is the default)")
+    if cfg.get("use_data_before_expert_parallelism"):
+        raise ConfigError(f"{path}: use_data_before_expert_parallelism would be ignored: the engine makes the "
+                          f"expert groups (parallel.ep_size) before DeepSpeed reads it; remove it")
     # Dynamic batches: DeepSpeed's micro-batch size only feeds its sample counter.
     cfg.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=train.accum_grad,
                gradient_clipping=train.grad_clip if stage > 0 else 0.0)  # stage 0: Stage0AdamW clips

@@ -54,6 +54,11 @@ def test_deepspeed_config_is_completed_from_the_train_section(tmp_path):
         _ds(tmp_path, {"zero_optimization": {"stage": 3}})
     with pytest.raises(ConfigError, match="stage 1 or 2"):
         _ds(tmp_path, {"bf16": {"enabled": True}})
+    with pytest.raises(ConfigError, match="contiguous_gradients: false at ZeRO stage 1 all-reduces expert"):
+        _ds(tmp_path, {"zero_optimization": {"stage": 1, "contiguous_gradients": False}})
+    assert _ds(tmp_path, {"zero_optimization": {"stage": 2, "contiguous_gradients": True}})  # the default, fine
+    with pytest.raises(ConfigError, match="use_data_before_expert_parallelism would be ignored"):
+        _ds(tmp_path, {"zero_optimization": {"stage": 1}, "use_data_before_expert_parallelism": True})
 
 
 def test_shipped_deepspeed_configs_are_accepted():
