@@ -2,8 +2,9 @@
 
 Also runs under `torchrun` and as a plain `python launch/train.py ...`; see docs/training.md.
 A mistake the user can fix (config, a refused resume, a damaged or refused
-checkpoint, a run that diverged, an out-dir another run is writing) ends with
-its one-line message on every rank;
+checkpoint, a run that diverged, an out-dir another run is writing, a
+checkpoint the filesystem would not take) ends with its one-line message on
+every rank;
 `--debug` shows the traceback.
 """
 import sys
@@ -19,12 +20,13 @@ from moe_asr.run.config import ConfigError  # noqa: E402
 from moe_asr.engine.fingerprint import ResumeRefused  # noqa: E402
 from moe_asr.engine.loop import NonFiniteError  # noqa: E402
 from moe_asr.engine.run_lock import OutDirError, RunInUse  # noqa: E402
+from moe_asr.engine.save_guard import CheckpointSaveError  # noqa: E402
 from moe_asr.run.files import CheckpointFileError  # noqa: E402
 from moe_asr.train import main  # noqa: E402
 
 USER_ERRORS = {ConfigError: "config error", ResumeRefused: "resume refused", CheckpointError: "checkpoint error",
                CheckpointFileError: "checkpoint error", NonFiniteError: "training stopped", RunInUse: "run in use",
-               OutDirError: "out-dir error"}
+               OutDirError: "out-dir error", CheckpointSaveError: "checkpoint not saved"}
 
 
 def stop(message: str) -> None:

@@ -8,7 +8,9 @@ the data loader's position and the loop counters. DeepSpeed's ``latest`` is
 written by rank 0 without waiting for the others, so it is not used for
 saving: every rank writes, all ranks meet at a barrier, and only then rank 0
 replaces ``latest`` atomically. A rank dying mid-save leaves ``latest`` on the
-previous complete checkpoint.
+previous complete checkpoint. A write that fails (no space, quota, permission,
+I/O error) fails the save on every rank with one line naming the file and the
+OS error, and the partial tag directory is removed (``save_guard.py``).
 
 ``checkpoints.json`` lists the complete checkpoints with their step, epoch
 and CV loss; the newest ``keep`` are kept plus the best by CV loss.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -37,8 +40,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moe_asr.engine.save_guard import CheckpointSaveError, Writes, failure_message, os_error, warn_if_short
 from moe_asr.run.files import load_file
 from moe_asr.run.layout import INDEX, LATEST, MANIFEST, CheckpointInfo, trainer_state_file
+
+log = logging.getLogger("moe_asr.train")
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be resumed: missing, partial or damaged; the message names the tag and files."""
@@ -120,38 +127,66 @@ class Checkpointer:
 
     def save(self, engine: Any, info: CheckpointInfo, trainer_state: dict[str, Any],
              fingerprint: dict[str, Any]) -> None:
-        """Collective: every rank writes its part; ``latest`` moves after all have finished."""
+        """Collective: every rank writes its part; ``latest`` moves after all have finished.
+
+        A write that fails on any rank (no space, quota, permission, I/O error) raises the same
+        :class:`CheckpointSaveError` on every rank, once the partial tag directory is removed;
+        ``latest`` and the index stay on the previous complete checkpoint.
+        """
         tag_dir = self.root / info.tag
-        if self.rank == 0 and (tag_dir / MANIFEST).is_file():  # the tag is written again: incomplete until the end
-            (tag_dir / MANIFEST).unlink()
-        dist.barrier()
-        engine.save_checkpoint(str(self.root), info.tag, client_state={"trainer": asdict(info)},
-                                    save_latest=False)
-        torch.save({**trainer_state, "rng": rng_state()}, tag_dir / trainer_state_file(self.rank))
-        dist.barrier()
         if self.rank == 0:
-            _write_atomic(tag_dir / "fingerprint.json", json.dumps(fingerprint, indent=1))
+            if (tag_dir / MANIFEST).is_file():  # the tag is written again: incomplete until the end
+                (tag_dir / MANIFEST).unlink()
+            last = self.resume_point()
+            if last is not None:
+                warn_if_short(self.root, self.root / last)
         dist.barrier()
+        writes = Writes(self.rank)
+        with writes.through(engine):
+            engine.save_checkpoint(str(self.root), info.tag, client_state={"trainer": asdict(info)},
+                                   save_latest=False)
+        writes.save({**trainer_state, "rng": rng_state()}, tag_dir / trainer_state_file(self.rank))
+        if self.rank == 0:
+            writes.text(tag_dir / "fingerprint.json", json.dumps(fingerprint, indent=1))
+        self._agree(writes, tag_dir)  # also the barrier before rank 0 lists every rank's files
         files = _gather(sorted(p.name for p in tag_dir.iterdir() if p.is_file()))[0]  # rank 0's listing for all
         world = dist.get_world_size() if dist.is_initialized() else 1
         mine = {name: {"size": (tag_dir / name).stat().st_size, "sha256": _sha256(tag_dir / name)}
                 for name in _share(files, self.rank, world)}
         manifest = {k: v for part in _gather(mine) for k, v in part.items()}
         if self.rank == 0:
-            _write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
             index = [c for c in self.index() if c.tag != info.tag] + [info]
-            _write_atomic(self.root / INDEX, json.dumps([asdict(c) for c in index], indent=1))
-            _write_atomic(self.root / LATEST, info.tag)
+            writes.commit({tag_dir / MANIFEST: json.dumps(manifest, indent=1, sort_keys=True),
+                           self.root / INDEX: json.dumps([asdict(c) for c in index], indent=1),
+                           self.root / LATEST: info.tag})
+        self._agree(writes, tag_dir)
+        if self.rank == 0:
             self._prune(index)  # only after latest has moved: the previous latest may go
         dist.barrier()
 
+    def _agree(self, writes: Writes, tag_dir: Path) -> None:
+        """Collective: if a write failed on any rank, remove the partial tag and raise on every rank."""
+        failures = [f for f in _gather(writes.failure) if f is not None]
+        if not failures:
+            return
+        if self.rank == 0:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        dist.barrier()
+        raise CheckpointSaveError(failure_message(failures, tag_dir, self.resume_point())) from writes.exception
+
     def _prune(self, index: list[CheckpointInfo]) -> None:
+        """Drop what ``keep`` leaves out: the index first, so a failed write deletes nothing (retried next save)."""
         best = self.best()
         keep = {c.tag for c in index[-self.keep:]} | ({best.tag} if best else set())
+        try:
+            _write_atomic(self.root / INDEX, json.dumps([asdict(c) for c in index if c.tag in keep], indent=1))
+        except OSError as e:
+            log.warning("%s: cannot update %s to prune old checkpoints (%s); retried at the next save",
+                        self.root, INDEX, os_error(e))
+            return
         for c in index:
             if c.tag not in keep:
                 shutil.rmtree(self.root / c.tag, ignore_errors=True)
-        _write_atomic(self.root / INDEX, json.dumps([asdict(c) for c in index if c.tag in keep], indent=1))
 
     def verify(self, tag: str) -> None:
         """Collective: raise :class:`CheckpointError` on every rank unless ``tag`` is complete and intact."""
