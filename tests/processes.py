@@ -23,3 +23,29 @@ def process(pid: int) -> Proc | None:
 def alive(proc: Proc) -> bool:
     fields = stat(proc[0])
     return fields is not None and fields[19] == proc[1] and fields[0] not in ("Z", "X")
+
+
+def children() -> dict[int, list[int]]:
+    """Every running process's children, by parent pid."""
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        fields = stat(int(entry.name)) if entry.name.isdigit() else None
+        if fields is not None:
+            tree.setdefault(int(fields[1]), []).append(int(entry.name))
+    return tree
+
+
+def descendants(pids: set[int]) -> set[Proc]:
+    """Every process below ``pids`` (children, their children, ...), with start times.
+
+    A launcher's ranks may sit in process groups of their own (torchrun), so signalling a
+    launcher's group does not reach them: walk the tree instead.
+    """
+    tree, found, todo = children(), set(), list(pids)
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            proc = process(child)
+            if proc is not None and proc not in found:
+                found.add(proc)
+                todo.append(child)
+    return found

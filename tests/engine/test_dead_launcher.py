@@ -14,30 +14,10 @@ import pytest
 from moe_asr.engine.checkpoint import Checkpointer
 from moe_asr.run.layout import INDEX, LATEST, MANIFEST, trainer_state_file
 from tests.engine.conftest import REPO, SMALL_MODEL, data_overrides, train_cmd
-from tests.processes import Proc, alive, process, stat
+from tests.processes import Proc, alive, descendants
 
 GONE_WITHIN_S = 30
 START_WITHIN_S = 300
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        fields = stat(int(entry.name)) if entry.name.isdigit() else None
-        if fields is not None:
-            tree.setdefault(int(fields[1]), []).append(int(entry.name))
-    return tree
-
-
-def _descendants(pids: set[int]) -> set[Proc]:
-    tree, found, todo = _children(), set(), list(pids)
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            proc = process(child)
-            if proc is not None and proc not in found:
-                found.add(proc)
-                todo.append(child)
-    return found
 
 
 def _rank_of(pid: int) -> str | None:
@@ -71,13 +51,13 @@ def test_ranks_end_with_their_launcher(small_corpus, tmp_path, launcher, sig, po
     procs: set[Proc] = set()
     try:
         _wait_for_training(out, top, console)
-        procs = _descendants({top.pid})
+        procs = descendants({top.pid})
         assert {_rank_of(pid) for pid, _ in procs} >= {"0", "1"}, procs
         os.kill(top.pid, getattr(signal, sig))  # the top process only: its children are not signalled
         top.wait(timeout=GONE_WITHIN_S)
         deadline = time.monotonic() + GONE_WITHIN_S
         while any(alive(p) for p in procs) and time.monotonic() < deadline:
-            procs |= _descendants({pid for pid, start in procs if alive((pid, start))})  # e.g. CV workers
+            procs |= descendants({pid for pid, start in procs if alive((pid, start))})  # e.g. CV workers
             time.sleep(0.5)
         left = [pid for pid, start in procs if alive((pid, start))]
         assert not left, f"still running {GONE_WITHIN_S} s after the launcher died: {left}\n" \
