@@ -30,6 +30,7 @@ from moe_asr.engine.checkpoint import Checkpointer
 from moe_asr.run.layout import MANIFEST
 from tests.engine.conftest import REPO, SMALL_MODEL, Corpus, data_overrides, read_metrics, run_training, train_cmd
 from tests.helpers import require
+from tests.processes import children
 
 HARNESS = REPO / "launch/slurm/local_cluster.sh"
 CANNOT_INSTALL = 3  # local_cluster.sh's exit status when Slurm cannot be installed here
@@ -183,23 +184,10 @@ def test_resubmitted_job_resumes_the_two_node_run(cluster, deepspeed_two_nodes, 
     _assert_same_training(out, reference, 2 * STEPS)
 
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])  # "pid (comm) state ppid"
-        except OSError:  # it has just exited
-            continue
-        tree.setdefault(parent, []).append(int(entry.name))
-    return tree
-
-
 def _rank_process(launcher: int, rank: str) -> int:
     """The training process of ``rank`` under ``launcher``: the topmost one with RANK=rank (its loader workers
     inherit the variable)."""
-    tree, todo = _children(), [launcher]
+    tree, todo = children(), [launcher]
     while todo:
         pid = todo.pop(0)
         try:
