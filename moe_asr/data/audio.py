@@ -11,6 +11,9 @@ import soundfile as sf
 
 # Containers a shard member may use, by file extension.
 AUDIO_EXTENSIONS = ("flac", "wav")
+# Audio members a shard reader takes: ours, and every one WeNet's shard reader takes (what
+# libsndfile cannot decode is then counted as undecodable audio).
+READ_AUDIO_EXTENSIONS = (*AUDIO_EXTENSIONS, "mp3", "m4a", "ogg", "opus", "wma")
 
 
 class AudioError(ValueError):

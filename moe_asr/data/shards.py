@@ -6,10 +6,18 @@ A shard is a plain tar of ``key.txt`` (UTF-8 transcript) and ``key.flac`` or
 tar parser rather than ``tarfile``: on a corrupt header ``tarfile`` silently
 ends the archive, losing the rest of the shard, while this one counts the bad
 member, resynchronises on the next valid header and carries on.
+
+WeNet's two list formats are read as they are wherever a shard list is: its
+shard lists (tar paths, the tars written by its ``tools/make_shard_list.py``;
+a member's key is its name up to the *last* dot, as WeNet splits it) and its
+raw ``data.list`` (JSON lines ``{"key", "wav", "txt"[, "start", "end"]}`` of
+``tools/make_raw_list.py``), each line of which is one entry of the list,
+read from its audio file.
 """
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 from dataclasses import dataclass, field
@@ -18,7 +26,8 @@ from typing import BinaryIO, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from moe_asr.data.audio import AUDIO_EXTENSIONS, AudioError, EmptyAudioError, encode_audio, read_audio
+from moe_asr.data.audio import (AUDIO_EXTENSIONS, READ_AUDIO_EXTENSIONS, AudioError, EmptyAudioError, encode_audio,
+                                read_audio)
 from moe_asr.data.manifest import Rejected, Utterance
 from moe_asr.data.parallel import parallel_map
 from moe_asr.data.stats import DataStats
@@ -112,19 +121,62 @@ def write_shard_list(paths: Sequence[str], list_path: str | Path) -> None:
     Path(list_path).write_text("".join(f"{p}\n" for p in paths))
 
 
+def _locate(path: str, base: Path) -> str:
+    """A list's relative path: beside the list when it is there, else from the working directory (where
+    WeNet, which opens the paths as written, looks), else beside the list (to be reported missing)."""
+    if os.path.isabs(path):
+        return path
+    if not (base / path).exists() and os.path.exists(path):
+        return os.path.abspath(path)
+    return str(base / path)
+
+
+def _raw_entry(line: str, where: str, base: Path) -> str:
+    """One line of a WeNet raw data.list as this module's entry: its JSON with the audio path located."""
+    try:
+        row = json.loads(line)
+        if not isinstance(row, dict) or not isinstance(row.get("key"), str) or not isinstance(row.get("wav"), str):
+            raise ValueError("needs string fields key and wav")
+        entry = {"key": row["key"], "wav": _locate(row["wav"], base), "txt": row.get("txt")}
+        if "start" in row or "end" in row:
+            entry.update(start=float(row["start"]), end=float(row["end"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{where}: not a WeNet data.list line ({{\"key\", \"wav\", \"txt\"}}): {e}") from None
+    return json.dumps(entry, ensure_ascii=False)
+
+
+def is_raw_entry(entry: str) -> bool:
+    """True for an utterance of a raw data.list, False for a shard path."""
+    return entry.startswith("{")
+
+
+def entry_origin(entry: str) -> str:
+    """The file an entry reads: the shard, or a raw data.list utterance's audio file (for messages)."""
+    return json.loads(entry)["wav"] if is_raw_entry(entry) else entry
+
+
 def read_shard_list(list_path: str | Path) -> list[str]:
-    """Shard paths of a list file; relative entries are relative to the list file's folder."""
+    """The entries of a list file: shard paths (ours, WeNet's), or the utterances of a WeNet raw data.list.
+
+    A list whose first line is a JSON object is a raw data.list; every line must then be one
+    (a line that is not is an error naming the file and line). Relative paths, of shards and of
+    audio files alike, are looked up beside the list, then from the working directory.
+    """
     list_path = Path(list_path)
     if not list_path.is_file():
         raise FileNotFoundError(f"{list_path}: shard list not found")
     base = list_path.parent
-    paths = [ln.strip() for ln in list_path.read_text().splitlines() if ln.strip()]
-    return [p if os.path.isabs(p) else str(base / p) for p in paths]
+    lines = [(n, ln.strip()) for n, ln in enumerate(list_path.read_text(encoding="utf-8").splitlines(), 1)
+             if ln.strip()]
+    if lines and is_raw_entry(lines[0][1]):
+        return [_raw_entry(line, f"{list_path}:{n}", base) for n, line in lines]
+    return [_locate(line, base) for _, line in lines]
 
 
 def check_shards_exist(paths: Sequence[str]) -> None:
-    """Fail before any worker starts, naming the missing files."""
-    missing = [p for p in paths if not os.path.isfile(p)]
+    """Fail before any worker starts, naming the missing files (a raw list's audio files are checked
+    as they are read: one missing is a skipped utterance, as a missing member is in a shard)."""
+    missing = [p for p in paths if not is_raw_entry(p) and not os.path.isfile(p)]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise FileNotFoundError(f"missing shard file(s): {', '.join(missing[:5])}{more}")
@@ -211,8 +263,30 @@ def iter_tar(f: BinaryIO, name: str, stats: DataStats) -> Iterator[tuple[str, by
             yield member, data
 
 
+def _read_raw(entry: str) -> RawSample:
+    """The utterance of a raw data.list entry: its audio file's bytes, or with start/end (seconds, WeNet's
+    segments) that stretch as WAV; audio None when the file is missing, empty bytes when it cannot be cut."""
+    row = json.loads(entry)
+    if not os.path.isfile(row["wav"]):
+        return RawSample(row["key"], row["txt"], None)
+    if "start" not in row:
+        with open(row["wav"], "rb") as f:
+            return RawSample(row["key"], row["txt"], f.read())
+    try:
+        wave, sr = read_audio(row["wav"], row["start"], row["end"] - row["start"])
+    except AudioError:
+        return RawSample(row["key"], row["txt"], b"")  # undecodable, or nothing in the stretch
+    return RawSample(row["key"], row["txt"], encode_audio(wave, sr, "wav"))
+
+
 def read_shard(path: str, stats: DataStats) -> Iterator[RawSample]:
-    """Group a shard's members by key (``key.ext``) into samples, in file order."""
+    """Group a shard's members by key (``key.ext``, the key up to the last dot) into samples, in file order.
+
+    ``path`` may also be one utterance of a raw data.list (:func:`read_shard_list`), yielded as its sample.
+    """
+    if is_raw_entry(path):
+        yield _read_raw(path)
+        return
     try:
         f = open(path, "rb", buffering=1 << 20)
     except FileNotFoundError:
@@ -221,7 +295,9 @@ def read_shard(path: str, stats: DataStats) -> Iterator[RawSample]:
     with f:
         for member, data in iter_tar(f, path, stats):
             base = member.rsplit("/", 1)[-1]
-            key, _, ext = base.partition(".")
+            key, dot, ext = base.rpartition(".")
+            if not dot:
+                key, ext = base, ""
             if current is not None and key != current.key:
                 yield current
                 current = None
@@ -232,7 +308,7 @@ def read_shard(path: str, stats: DataStats) -> Iterator[RawSample]:
                     current.text = data.decode("utf-8")
                 except UnicodeDecodeError:
                     stats.bad("bad transcript", key, "not UTF-8")
-            elif ext in AUDIO_EXTENSIONS:
+            elif ext in READ_AUDIO_EXTENSIONS:
                 current.audio = data
         if current is not None:
             yield current

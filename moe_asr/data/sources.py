@@ -17,7 +17,7 @@ import numpy as np
 from moe_asr.data.audio import AudioError, EmptyAudioError, decode_audio, read_audio
 from moe_asr.data.kaldi_text import read_table
 from moe_asr.data.manifest import read_kaldi_dir
-from moe_asr.data.shards import check_shards_exist, read_shard, read_shard_list
+from moe_asr.data.shards import check_shards_exist, entry_origin, read_shard, read_shard_list
 from moe_asr.data.stats import DataStats
 
 
@@ -140,7 +140,8 @@ class _Problems(DataStats):
 
 
 class ShardSource:
-    """The utterances of WebDataset shards (``key.wav``/``key.flac`` + ``key.txt``, see docs/data.md)."""
+    """The utterances of WebDataset shards (``key.wav``/``key.flac`` + ``key.txt``, see docs/data.md), or of
+    a WeNet raw data.list (``moe_asr.data.shards.read_shard_list``)."""
 
     count = None  # unknown until the shards are read
 
@@ -156,7 +157,7 @@ class ShardSource:
                 yield from reported
                 if any(s.key == sample.key for s in reported):
                     continue  # its transcript was not UTF-8: the member is damaged
-                yield self._read(shard, sample.key, sample.audio, sample.text)
+                yield self._read(entry_origin(shard), sample.key, sample.audio, sample.text)
             yield from problems.drain()
 
     @staticmethod
