@@ -61,6 +61,16 @@ def test_cer_counts_characters_without_spaces(tmp_path):
     assert s["cer"] == pytest.approx(2 / 6)
 
 
+def test_cer_scores_mandarin_per_character_wherever_the_word_spaces_fall(tmp_path):
+    """AISHELL's transcripts space the words, the recipe's references do not: the same CER either way."""
+    ref, hyp = {"u1": "今天天气很好"}, {"u1": "今 天 天 汽 很"}
+    s = _score(tmp_path, ref, hyp, "--cer")
+    assert (s["ref_chars"], s["substitutions"], s["deletions"], s["insertions"]) == (6, 1, 1, 0)
+    assert _score(tmp_path, {"u1": "今天 天气 很 好"}, {"u1": "今天天汽很"}, "--cer") == s
+    per_utt = (tmp_path / "out" / "cer_per_utt.txt").read_text().splitlines()
+    assert per_utt[2].split() == ["u1", "op", "C", "C", "C", "S", "C", "D"]
+
+
 def test_an_empty_hypothesis_line_is_an_empty_transcript(tmp_path):
     (tmp_path / "hyp.text").write_text("u1\n")
     (tmp_path / "ref.text").write_text("u1 a b\n")
