@@ -42,6 +42,8 @@ DENSE, MOE = "position_wise_feed_forward", "moe"
 # WeNet's MoE gate (bias-free Linear, top-k of its logits, softmax over the k) is our registered `topk`
 # router (moe_asr.moe.registry), whose Linear is its `gate`: the imported config names it explicitly.
 WENET_ROUTER = "topk"
+# Its expert bias (loss-free balancing), which WeNet's gate does not have: imported as zero, the same choice.
+EXPERT_BIAS = ".router.expert_bias"
 # Top-level keys of WeNet models other than the CTC/attention U2++ model.
 OTHER_MODELS = ("predictor", "joint_conf", "cif_predictor_conf", "paraformer", "lfmmi_dir")
 # WeNet `speed_perturb: true` draws one of these factors per utterance.
@@ -380,6 +382,9 @@ def _convert_state(wenet: dict[str, Tensor], config: ExperimentConfig, source: P
         expected = build_model(config.model, load_cmvn=False).state_dict()
     state, used = {}, set()
     for key, like in expected.items():
+        if key.endswith(EXPERT_BIAS):
+            state[key] = torch.zeros(like.shape, dtype=like.dtype)
+            continue
         names, transpose = _sources(key, config)
         missing = [n for n in names if n not in wenet]
         if missing:

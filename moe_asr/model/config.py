@@ -131,9 +131,11 @@ class ModelConfig:
         return self.vocab_size
 
 
-# How a model is computed, not what it computes: free to change between runs (how it is laid
-# out over ranks is not in the model config at all: the experiment's `parallel:` section).
-COMPUTE_KEYS = ("moe.impl",)
+# Not what a model's weights compute, so free to change between runs: how it is computed (how
+# it is laid out over ranks is not in the model config at all: the experiment's `parallel:`
+# section), and how fast training moves the expert bias (the bias itself is in the weights: a
+# run can start balancing a model trained without, or freeze it at 0).
+COMPUTE_KEYS = ("moe.impl", "moe.bias_update_rate")
 
 
 def comparable(cfg: ModelConfig) -> dict[str, Any]:

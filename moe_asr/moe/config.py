@@ -5,6 +5,7 @@ message; the layer, the engine and the tools trust a constructed ``MoEConfig``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -37,6 +38,10 @@ class MoEConfig:
     # Optional Switch-style load-balancing loss and router z-loss; the paper uses neither.
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
+    # Loss-free balancing (DeepSeek-V3): after each optimizer step every expert's routing bias moves
+    # by this much toward the mean load (the bias steers which experts are chosen, never their
+    # weights). 0: off, the bias stays as loaded (zero for a new model), as in the paper.
+    bias_update_rate: float = 0.0
 
     def __post_init__(self) -> None:
         check(self.num_experts >= 1, "num_experts", f"must be >= 1, got {self.num_experts}")
@@ -49,6 +54,14 @@ class MoEConfig:
             check(False, "router", str(e))
         check(self.aux_loss_coef >= 0 and self.z_loss_coef >= 0, "aux_loss_coef",
               "loss coefficients must be >= 0")
+        check(math.isfinite(self.bias_update_rate) and self.bias_update_rate >= 0, "bias_update_rate",
+              f"must be a finite number >= 0, got {self.bias_update_rate}")
+        if self.bias_update_rate > 0:
+            check(self.num_experts > 1, "bias_update_rate", "needs num_experts > 1 (a dense FFN has no router)")
+            check(router_class(self.router).has_expert_bias, "bias_update_rate",
+                  f"router {self.router!r} has no expert bias to balance (the topk router has one)")
+            check(self.impl != "deepspeed", "bias_update_rate",
+                  "impl deepspeed routes by DeepSpeed's own gate, which has no expert bias")
         # DeepSpeed's top-1 gate weights the expert by its softmax over all
         # experts (WeNet's by 1), so only its top-2 computes the same function.
         check(self.impl != "deepspeed" or (self.top_k == 2 and self.z_loss_coef == 0 and self.router == "topk"),

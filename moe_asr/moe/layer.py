@@ -87,6 +87,9 @@ class MoEFeedForward(nn.Module):
         when a config asks for ``impl: deepspeed`` (the comparison path).
         """
         if self._deepspeed is None:
+            if bool(self.router.expert_bias.any()):
+                raise ValueError("impl deepspeed routes by DeepSpeed's own gate, which has no expert bias, and this "
+                                 "layer's is not zero: use impl grouped or loop")
             from moe_asr_kernels.deepspeed_moe import DeepSpeedMoE
 
             self._deepspeed = DeepSpeedMoE(self.router.gate, self.experts.ffn, self.num_experts,

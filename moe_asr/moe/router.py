@@ -13,18 +13,23 @@ router's internals:
 - what an exporter needs to reproduce it: ``onnx_logits`` (logits whose top-k,
   softmaxed over the k, *is* the routing: ONNX Runtime's MoE node computes
   that) and ``onnx_routing`` (the routing in ops that export to standard
-  ONNX). A router that has neither says so, and the export names it.
+  ONNX). A router that has neither says so, and the export names it;
+- optionally an expert bias (``has_expert_bias``): an ``expert_bias [E]``
+  float32 buffer added to the logits to *choose* the k experts, never to
+  weight them, which the engine moves toward balance after each optimizer
+  step when ``model.moe.bias_update_rate > 0`` (:func:`expert_bias_step`).
 
 Routers are built as ``cls(d_model, cfg)`` from ``model.moe`` and found by
 name in ``moe_asr.moe.registry``. ``TopKRouter`` is WeNet's gate, as in the
 U2++ MoE paper: a bias-free linear layer, top-k of the raw logits, softmax
 over only the chosen k in float32. No noise, no capacity, no auxiliary loss
-unless asked for.
+unless asked for. Its expert bias (DeepSeek-V3's loss-free balancing) is zero,
+and then it is WeNet's gate exactly, unless training moves it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +50,10 @@ class RouterExportError(ValueError):
 
 class Router(nn.Module):
     """Base of every router: the statistics it keeps and the export hooks' defaults."""
+
+    # True for routers that choose by ``logits + expert_bias`` (a float32 [E] buffer); the engine
+    # then balances them when model.moe.bias_update_rate > 0, and MoEConfig refuses the rate for others.
+    has_expert_bias: ClassVar[bool] = False
 
     def __init__(self, d_model: int, cfg: MoEConfig) -> None:
         super().__init__()
@@ -76,16 +85,26 @@ class Router(nn.Module):
 
 
 class TopKRouter(Router):
+    has_expert_bias = True
+
     def __init__(self, d_model: int, cfg: MoEConfig) -> None:
         super().__init__(d_model, cfg)
         self.aux_loss_coef = cfg.aux_loss_coef
         self.z_loss_coef = cfg.z_loss_coef
         self.gate = nn.Linear(d_model, cfg.num_experts, bias=False)
+        # Always present, so a model starts or stops balancing (and WeNet's gate imports, as zero)
+        # without a change of keys; it is state, not a parameter: no gradient, no optimizer.
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # Files written before the bias existed chose without one: the same as a zero bias.
+        state_dict.setdefault(prefix + "expert_bias", torch.zeros_like(self.expert_bias))
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, x: Tensor) -> tuple[Routing, Tensor]:
         """Route ``x [N, d]``; returns the routing and the weighted auxiliary loss."""
         logits = self.gate(x)
-        routing = top_k_softmax(logits, self.top_k)
+        routing = top_k_softmax(logits, self.top_k, self.expert_bias)
         experts = routing.experts
         aux = logits.new_zeros((), dtype=torch.float32)
         probs = None
@@ -99,17 +118,36 @@ class TopKRouter(Router):
             self.record(experts, probs if probs is not None else torch.softmax(logits.detach().float(), dim=-1))
         return routing, aux
 
-    def onnx_logits(self, x: Tensor) -> Tensor:
-        return self.gate(x)
+    def onnx_logits(self, x: Tensor) -> Tensor | None:
+        """The gate's logits while the bias is zero; None once it is not (ONNX Runtime's MoE node
+        chooses and weights by the same logits, so a biased choice takes the standard-op path)."""
+        return None if bool(self.expert_bias.any()) else self.gate(x)
 
     def onnx_routing(self, x: Tensor) -> Routing:
-        return top_k_softmax(self.gate(x), self.top_k)
+        return top_k_softmax(self.gate(x), self.top_k, self.expert_bias)
 
 
-def top_k_softmax(logits: Tensor, k: int) -> Routing:
-    """WeNet's gate on ``logits [N, E]`` (and ONNX Runtime's MoE node's): top-k, softmax over the k in float32."""
-    top, experts = logits.topk(k, dim=-1)
+def top_k_softmax(logits: Tensor, k: int, bias: Tensor | None = None) -> Routing:
+    """WeNet's gate on ``logits [N, E]`` (and ONNX Runtime's MoE node's): top-k, softmax over the k in float32.
+
+    With ``bias [E]`` the k experts are those of ``logits + bias`` (in float32), still weighted by a
+    softmax over their plain logits: the bias steers the choice only (a zero bias changes nothing).
+    """
+    if bias is None:
+        top, experts = logits.topk(k, dim=-1)
+    else:
+        experts = (logits.float() + bias).topk(k, dim=-1).indices
+        top = logits.gather(-1, experts)
     return Routing(weights=torch.softmax(top.float(), dim=-1), experts=experts)
+
+
+def expert_bias_step(tokens: Tensor, rate: float) -> Tensor:
+    """DeepSeek-V3's loss-free balancing step (Megatron-Core's ``moe_router_enable_expert_bias``) for
+    ``tokens [..., E]``, the tokens routed to each expert summed over every rank:
+    ``rate * sign(mean - tokens)``, float32. An expert above the mean load is chosen less next
+    step, one below it more; a fixed step, whatever the size of the imbalance."""
+    counts = tokens.double()
+    return (rate * torch.sign(counts.mean(-1, keepdim=True) - counts)).float()
 
 
 def load_balancing_loss(probs: Tensor, experts: Tensor, num_experts: int) -> Tensor:
