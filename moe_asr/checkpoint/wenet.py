@@ -43,7 +43,7 @@ DENSE, MOE = "position_wise_feed_forward", "moe"
 # router (moe_asr.moe.registry), whose Linear is its `gate`: the imported config names it explicitly.
 WENET_ROUTER = "topk"
 # Its expert bias (loss-free balancing), which WeNet's gate does not have: imported as zero, the same choice.
-EXPERT_BIAS = ".router.expert_bias"
+CHOICE_BIAS = ".router.choice_bias"
 # Top-level keys of WeNet models other than the CTC/attention U2++ model.
 OTHER_MODELS = ("predictor", "joint_conf", "cif_predictor_conf", "paraformer", "lfmmi_dir")
 # WeNet `speed_perturb: true` draws one of these factors per utterance.
@@ -382,7 +382,7 @@ def _convert_state(wenet: dict[str, Tensor], config: ExperimentConfig, source: P
         expected = build_model(config.model, load_cmvn=False).state_dict()
     state, used = {}, set()
     for key, like in expected.items():
-        if key.endswith(EXPERT_BIAS):
+        if key.endswith(CHOICE_BIAS):
             state[key] = torch.zeros(like.shape, dtype=like.dtype)
             continue
         names, transpose = _sources(key, config)

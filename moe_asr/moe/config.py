@@ -58,7 +58,7 @@ class MoEConfig:
               f"must be a finite number >= 0, got {self.bias_update_rate}")
         if self.bias_update_rate > 0:
             check(self.num_experts > 1, "bias_update_rate", "needs num_experts > 1 (a dense FFN has no router)")
-            check(router_class(self.router).has_expert_bias, "bias_update_rate",
+            check(router_class(self.router).has_choice_bias, "bias_update_rate",
                   f"router {self.router!r} has no expert bias to balance (the topk router has one)")
             check(self.impl != "deepspeed", "bias_update_rate",
                   "impl deepspeed routes by DeepSpeed's own gate, which has no expert bias")

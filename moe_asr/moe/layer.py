@@ -87,7 +87,7 @@ class MoEFeedForward(nn.Module):
         when a config asks for ``impl: deepspeed`` (the comparison path).
         """
         if self._deepspeed is None:
-            if bool(self.router.expert_bias.any()):
+            if bool(self.router.choice_bias.any()):
                 raise ValueError("impl deepspeed routes by DeepSpeed's own gate, which has no expert bias, and this "
                                  "layer's is not zero: use impl grouped or loop")
             from moe_asr_kernels.deepspeed_moe import DeepSpeedMoE

@@ -14,10 +14,10 @@ router's internals:
   softmaxed over the k, *is* the routing: ONNX Runtime's MoE node computes
   that) and ``onnx_routing`` (the routing in ops that export to standard
   ONNX). A router that has neither says so, and the export names it;
-- optionally an expert bias (``has_expert_bias``): an ``expert_bias [E]``
+- optionally an expert bias (``has_choice_bias``): a ``choice_bias [E]``
   float32 buffer added to the logits to *choose* the k experts, never to
   weight them, which the engine moves toward balance after each optimizer
-  step when ``model.moe.bias_update_rate > 0`` (:func:`expert_bias_step`).
+  step when ``model.moe.bias_update_rate > 0`` (:func:`choice_bias_step`).
 
 Routers are built as ``cls(d_model, cfg)`` from ``model.moe`` and found by
 name in ``moe_asr.moe.registry``. ``TopKRouter`` is WeNet's gate, as in the
@@ -51,9 +51,9 @@ class RouterExportError(ValueError):
 class Router(nn.Module):
     """Base of every router: the statistics it keeps and the export hooks' defaults."""
 
-    # True for routers that choose by ``logits + expert_bias`` (a float32 [E] buffer); the engine
+    # True for routers that choose by ``logits + choice_bias`` (a float32 [E] buffer); the engine
     # then balances them when model.moe.bias_update_rate > 0, and MoEConfig refuses the rate for others.
-    has_expert_bias: ClassVar[bool] = False
+    has_choice_bias: ClassVar[bool] = False
 
     def __init__(self, d_model: int, cfg: MoEConfig) -> None:
         super().__init__()
@@ -85,26 +85,28 @@ class Router(nn.Module):
 
 
 class TopKRouter(Router):
-    has_expert_bias = True
+    has_choice_bias = True
 
     def __init__(self, d_model: int, cfg: MoEConfig) -> None:
         super().__init__(d_model, cfg)
         self.aux_loss_coef = cfg.aux_loss_coef
         self.z_loss_coef = cfg.z_loss_coef
         self.gate = nn.Linear(d_model, cfg.num_experts, bias=False)
-        # Always present, so a model starts or stops balancing (and WeNet's gate imports, as zero)
-        # without a change of keys; it is state, not a parameter: no gradient, no optimizer.
-        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+        # The expert bias. Always present, so a model starts or stops balancing (and WeNet's gate
+        # imports, as zero) without a change of keys; state, not a parameter: no gradient, no
+        # optimizer. Its name holds no "expert": DeepSpeed writes every key of an MoE layer that
+        # does into the per-expert files, as an expert's.
+        self.register_buffer("choice_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # Files written before the bias existed chose without one: the same as a zero bias.
-        state_dict.setdefault(prefix + "expert_bias", torch.zeros_like(self.expert_bias))
+        state_dict.setdefault(prefix + "choice_bias", torch.zeros_like(self.choice_bias))
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, x: Tensor) -> tuple[Routing, Tensor]:
         """Route ``x [N, d]``; returns the routing and the weighted auxiliary loss."""
         logits = self.gate(x)
-        routing = top_k_softmax(logits, self.top_k, self.expert_bias)
+        routing = top_k_softmax(logits, self.top_k, self.choice_bias)
         experts = routing.experts
         aux = logits.new_zeros((), dtype=torch.float32)
         probs = None
@@ -121,10 +123,10 @@ class TopKRouter(Router):
     def onnx_logits(self, x: Tensor) -> Tensor | None:
         """The gate's logits while the bias is zero; None once it is not (ONNX Runtime's MoE node
         chooses and weights by the same logits, so a biased choice takes the standard-op path)."""
-        return None if bool(self.expert_bias.any()) else self.gate(x)
+        return None if bool(self.choice_bias.any()) else self.gate(x)
 
     def onnx_routing(self, x: Tensor) -> Routing:
-        return top_k_softmax(self.gate(x), self.top_k, self.expert_bias)
+        return top_k_softmax(self.gate(x), self.top_k, self.choice_bias)
 
 
 def top_k_softmax(logits: Tensor, k: int, bias: Tensor | None = None) -> Routing:
@@ -141,7 +143,7 @@ def top_k_softmax(logits: Tensor, k: int, bias: Tensor | None = None) -> Routing
     return Routing(weights=torch.softmax(top.float(), dim=-1), experts=experts)
 
 
-def expert_bias_step(tokens: Tensor, rate: float) -> Tensor:
+def choice_bias_step(tokens: Tensor, rate: float) -> Tensor:
     """DeepSeek-V3's loss-free balancing step (Megatron-Core's ``moe_router_enable_expert_bias``) for
     ``tokens [..., E]``, the tokens routed to each expert summed over every rank:
     ``rate * sign(mean - tokens)``, float32. An expert above the mean load is chosen less next

@@ -387,7 +387,7 @@ def test_imported_model_computes_wenets_equations(wenet_files, case):
     assert cfg.model.encoder.causal_pad == ("input" if case["causal"] else "glu_output")
     assert cfg.model.moe.num_experts == (EXPERTS if case["moe"] else 1)
     assert not any(key.endswith(".pe") for key in state)
-    biases = [v for k, v in state.items() if k.endswith(".router.expert_bias")]  # WeNet's gate has none: zero
+    biases = [v for k, v in state.items() if k.endswith(".router.choice_bias")]  # WeNet's gate has none: zero
     assert len(biases) == (len([k for k in state if k.endswith(".router.gate.weight")]) if case["moe"] else 0)
     assert all(b.shape == (EXPERTS,) and not b.any() for b in biases)
     model = build_model(cfg.model, load_cmvn=False)

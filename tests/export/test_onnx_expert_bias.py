@@ -27,7 +27,7 @@ def _biased_model() -> torch.nn.Module:
     model = build_model(tiny_config(num_experts=4)).eval()
     generator = torch.Generator().manual_seed(5)
     for layer in model.moe_layers():
-        layer.router.expert_bias.copy_(torch.randn(4, generator=generator))
+        layer.router.choice_bias.copy_(torch.randn(4, generator=generator))
     return model
 
 
@@ -49,7 +49,7 @@ def _run(path, feed: dict) -> list:
 def _unbiased_copy(model: torch.nn.Module) -> torch.nn.Module:
     plain = copy.deepcopy(model)
     for layer in plain.moe_layers():
-        layer.router.expert_bias.zero_()
+        layer.router.choice_bias.zero_()
     return plain
 
 

@@ -8,7 +8,7 @@ import torch
 
 from moe_asr.moe.config import MoEConfig
 from moe_asr.moe.layer import MoEFeedForward
-from moe_asr.moe.router import TopKRouter, expert_bias_step, top_k_softmax
+from moe_asr.moe.router import TopKRouter, choice_bias_step, top_k_softmax
 from moe_asr.schema import ConfigError
 
 D, E, K = 8, 4, 2
@@ -31,7 +31,7 @@ def test_the_bias_changes_the_choice_not_the_weighting():
     router = _router()
     x = torch.randn(256, D)
     before, _ = router(x)
-    router.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 3.0]))  # expert 3 is chosen far more often
+    router.choice_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 3.0]))  # expert 3 is chosen far more often
     after, _ = router(x)
     assert (after.experts == 3).any(1).sum() > (before.experts == 3).any(1).sum() + 50
     changed = (after.experts != before.experts).any(1)
@@ -43,43 +43,45 @@ def test_the_bias_changes_the_choice_not_the_weighting():
     kept = ~changed
     assert torch.equal(after.weights[kept], before.weights[kept])
     # The chosen experts are the top k of the biased logits, in that order.
-    assert torch.equal(after.experts, (logits + router.expert_bias).topk(K, -1).indices)
+    assert torch.equal(after.experts, (logits + router.choice_bias).topk(K, -1).indices)
     assert router.tokens_per_expert.tolist() == torch.bincount(after.experts.flatten(), minlength=E).tolist()
 
 
 def test_the_bias_is_state_not_a_parameter():
     router = _router()
-    assert "expert_bias" in router.state_dict() and "expert_bias" not in dict(router.named_parameters())
-    router.expert_bias.fill_(0.5)
+    assert "choice_bias" in router.state_dict() and "choice_bias" not in dict(router.named_parameters())
+    # DeepSpeed files every key of an MoE layer that holds "expert" as an expert's: the router has none.
+    assert not [k for k in MoEFeedForward(D, 16, MoEConfig(E, K)).state_dict() if "expert" in k.split(".")[-1]]
+    router.choice_bias.fill_(0.5)
     routing, _ = router(torch.randn(16, D))
     routing.weights.sum().backward()
-    assert router.gate.weight.grad is not None and not router.expert_bias.requires_grad
+    assert router.gate.weight.grad is not None and not router.choice_bias.requires_grad
 
 
 def test_update_rule_on_hand_made_counts():
     """``rate * sign(mean - load)`` per layer: busy experts down, idle ones up, the mean one unmoved."""
     tokens = torch.tensor([[10, 0, 5, 5], [3, 3, 3, 3], [0, 0, 0, 8]])
-    step = expert_bias_step(tokens, 0.1)
+    step = choice_bias_step(tokens, 0.1)
     assert step.dtype == torch.float32
     expected = torch.tensor([[-0.1, 0.1, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.1, 0.1, 0.1, -0.1]])
     torch.testing.assert_close(step, expected, rtol=0, atol=0)
     # A fixed step, whatever the size of the imbalance: 1000 tokens too many move the bias as 1 does.
-    torch.testing.assert_close(expert_bias_step(torch.tensor([1001, 1, 1, 1]), 0.1),
-                               expert_bias_step(torch.tensor([2, 1, 1, 1]), 0.1), rtol=0, atol=0)
+    torch.testing.assert_close(choice_bias_step(torch.tensor([1001, 1, 1, 1]), 0.1),
+                               choice_bias_step(torch.tensor([2, 1, 1, 1]), 0.1), rtol=0, atol=0)
 
 
 def test_files_without_the_bias_load_with_a_zero_one():
     """A model file written before the bias existed routes as it did: the same as a zero bias."""
     torch.manual_seed(0)
     layer = MoEFeedForward(D, 16, MoEConfig(E, K))
-    old = {k: v for k, v in layer.state_dict().items() if not k.endswith("expert_bias")}
+    old = {k: v for k, v in layer.state_dict().items() if not k.endswith("choice_bias")}
     loaded = MoEFeedForward(D, 16, MoEConfig(E, K))
-    loaded.router.expert_bias.fill_(1.0)
+    loaded.router.choice_bias.fill_(1.0)
     loaded.load_state_dict(old)
-    assert not loaded.router.expert_bias.any()
-    biased = {**old, "router.expert_bias": torch.arange(E, dtype=torch.float32)}
+    assert not loaded.router.choice_bias.any()
+    biased = {**old, "router.choice_bias": torch.arange(E, dtype=torch.float32)}
     loaded.load_state_dict(biased)
-    assert loaded.router.expert_bias.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert loaded.router.choice_bias.tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -103,7 +105,7 @@ def test_the_rate_is_off_by_default_and_a_rate_is_accepted():
 def test_impl_deepspeed_refuses_a_nonzero_bias():
     """DeepSpeed's gate would route by the plain logits: a silently different model."""
     layer = MoEFeedForward(D, 16, MoEConfig(E, 2, impl="deepspeed"))
-    layer.router.expert_bias[0] = 0.5
+    layer.router.choice_bias[0] = 0.5
     with pytest.raises(ValueError, match="impl deepspeed routes by DeepSpeed's own gate"):
         layer(torch.randn(3, D))
 
