@@ -188,14 +188,17 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         for job in jobs:
             emit(sweep_one(*job, args.tiny, str(args.device)))
         return
-    # Workers compile in parallel (compiling is most of a tile's first call); rows appear as they finish.
+    # Workers compile in parallel (compiling is most of a tile's first call); rows are written in order,
+    # each as soon as it and those before it are done.
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(sweep_one, *job, args.tiny, str(args.device)) for job in jobs]
-        for job, f in zip(jobs, futures):
+        for (kernel, i, precision), f in zip(jobs, futures):
             try:
                 emit(f.result())
             except Exception as err:  # noqa: BLE001 - a worker that died (out of memory, say) is a row too
-                emit(dict(kernel=job[0], tile=job[1], precision=job[2], status=f"error: {type(err).__name__}"))
+                tiles = gg.FORWARD_TILES if kernel == "forward" else gg.WGRAD_TILES
+                emit(dict(kernel=kernel, tile=str(tiles[i]), precision=precision,
+                          status=f"error: {type(err).__name__}"))
 
 
 # ---------------------------------------------------------------- large
