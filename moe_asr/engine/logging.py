@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from tqdm import tqdm
 
 from moe_asr.data.stats import skip_line
+from moe_asr.engine.expert_load import WindowLoad
 
 log = logging.getLogger("moe_asr.train")
 METRICS = "metrics.jsonl"
@@ -83,25 +83,39 @@ class TrainLogger:
             f.write(json.dumps(record) + "\n")
 
     def train(self, step: int, epoch: int, losses: dict[str, float], lr: float, frames: float, seconds: float,
-              skipped: int, tokens: torch.Tensor, entropy: torch.Tensor, data_skipped: dict[str, int]) -> None:
-        """One log interval: mean losses, LR, throughput, skipped steps, per MoE layer the routed tokens and
-        entropy, and the utterances the data loaders skipped in this epoch so far, by reason."""
+              skipped: int, load: WindowLoad, data_skipped: dict[str, int]) -> None:
+        """One log interval: mean losses, LR, throughput, skipped steps, per MoE layer the routed tokens,
+        entropy, max/mean load and (expert parallelism) each rank's share of the expert rows, and the
+        utterances the data loaders skipped in this epoch so far, by reason."""
         if not self.enabled:
             return
         frames_per_s = frames / seconds
+        balance = {}
+        if self.layer_names:
+            balance["moe_max_mean"] = dict(zip(self.layer_names, load.max_mean.tolist()))
+            if load.rank_share is not None:
+                balance["moe_rank_share"] = dict(zip(self.layer_names, load.rank_share.tolist()))
         self._record({"step": step, "epoch": epoch, **losses, "lr": lr, "frames": frames, "seconds": seconds,
-                      "frames_per_s": frames_per_s, "skipped": skipped, "data_skipped": data_skipped})
+                      "frames_per_s": frames_per_s, "skipped": skipped, "data_skipped": data_skipped, **balance})
         for name, value in {**losses, "lr": lr, "frames_per_s": frames_per_s, "skipped_steps": skipped}.items():
             self.writer.add_scalar(f"train/{name}", value, step)
         for reason, n in data_skipped.items():
             self.writer.add_scalar(f"data/skipped_{_tag(reason)}", n, step)
-        for name, counts, h in zip(self.layer_names, tokens.tolist(), entropy.tolist()):
-            self.writer.add_scalar(f"moe_entropy/{name}", h, step)
-            for e, n in enumerate(counts):
+        for i, name in enumerate(self.layer_names):
+            self.writer.add_scalar(f"moe_entropy/{name}", load.entropy[i].item(), step)
+            self.writer.add_scalar(f"moe_max_mean/{name}", load.max_mean[i].item(), step)
+            for e, n in enumerate(load.tokens[i].tolist()):
                 self.writer.add_scalar(f"moe_tokens/{name}/expert_{e}", n, step)
+            for r, share in enumerate([] if load.rank_share is None else load.rank_share[i].tolist()):
+                self.writer.add_scalar(f"moe_rank_share/{name}/rank_{r}", share, step)
         parts = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in losses.items() if k.startswith("loss_"))
         line = (f"epoch {epoch} step {step} loss {losses['loss']:.4f} ({parts}) lr {lr:.3e} "
-                f"{frames_per_s:.0f} frames/s skipped {skipped}")
+                f"{frames_per_s:.0f} frames/s")
+        if self.layer_names:  # the worst layer: its busiest expert, and the busiest expert-parallel rank
+            line += f" load max/mean {load.max_mean.max().item():.2f}"
+            if load.rank_share is not None:
+                line += f" busiest rank {load.rank_share.max().item():.0%}"
+        line += f" skipped {skipped}"
         if any(data_skipped.values()):
             line += f" skipped data {skip_line(data_skipped)}"
         if self.bar is not None and not self.bar.disable:

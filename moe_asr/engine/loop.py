@@ -107,7 +107,8 @@ class Trainer:
         self.state = LoopState()
         self.layer_names = list(tm.moe_layers)
         self.dtype = next(tm.model.parameters()).dtype
-        self.expert_load = ExpertLoad(tm.moe_layers, cfg.model.moe.num_experts, info.device)
+        self.expert_load = ExpertLoad(tm.moe_layers, cfg.model.moe.num_experts, info.device, cfg.parallel.ep_size,
+                                      cfg.model.moe.bias_update_rate)
         self.logger: Optional[TrainLogger] = None
 
     # ------------------------------------------------------------------ state
@@ -214,6 +215,7 @@ class Trainer:
         window.frames += int(batch.feats_lengths.sum())
         if self.engine.global_steps == steps:
             return False
+        self.expert_load.end_step()  # the expert biases move after the step, from all its micro-batches
         s.step = self.engine.global_steps
         if self.engine.skipped_steps > skipped:
             self._nonfinite(f"non-finite gradient at step {s.step}")
@@ -238,12 +240,11 @@ class Trainer:
                                  "data_skipped": _skip_vector(self.train_loader)}, self.info.device)
         batches = sums["batches"].item()
         losses = {k: v / max(batches, 1) for k, v in zip(LOSS_KEYS, sums["losses"].tolist())}
-        tokens, entropy = ExpertLoad.unpack(sums, batches)
+        load = self.expert_load.unpack(sums, batches)
         data_skipped = _skip_counts(sums["data_skipped"])
         elapsed = time.perf_counter() - window.start
         self.logger.train(self.state.step, self.state.epoch, losses, self.engine.get_lr()[0], sums["frames"].item(),
-                          elapsed, self.engine.skipped_steps + self.state.nonfinite_losses, tokens, entropy,
-                          data_skipped)
+                          elapsed, self.engine.skipped_steps + self.state.nonfinite_losses, load, data_skipped)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -280,7 +281,8 @@ class Trainer:
         if records:
             plots.loss_curves(records, self.out_dir / "loss_curves.png")
         if self.layer_names:
-            plots.expert_load_heatmap(tokens, self.layer_names, self.out_dir / "expert_load.png")
+            plots.expert_load_heatmap(tokens, self.layer_names, self.out_dir / "expert_load.png",
+                                      self.cfg.parallel.ep_size)
         best = self.checkpointer.best()
         log.info("done at step %d; best checkpoint %s (CV loss %.4f)", self.state.step,
                  best.tag if best else "-", best.cv_loss if best else float("nan"))

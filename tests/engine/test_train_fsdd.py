@@ -15,6 +15,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from moe_asr.data.stats import SKIP_REASONS
+from moe_asr.engine.expert_load import WindowLoad
 from moe_asr.engine.logging import TrainLogger
 from tests.engine.conftest import SMALL_MODEL, build_corpus, data_overrides, read_metrics, run_training, train_cmd
 
@@ -89,8 +90,8 @@ def test_epoch_report_counts_the_run_across_a_resume(tmp_path, caplog):
     assert warnings(resumed, 20, 1, _counts({SHORT: 4}), _counts({}))[1:] == \
         [f"epoch 1: 4 samples skipped: {SHORT} (7 in this run)"]
     with caplog.at_level(logging.INFO, logger="moe_asr.train"):
-        resumed.train(21, 2, {"loss": 1.0}, 1e-3, 100.0, 1.0, 0, torch.zeros(0, 1), torch.zeros(0),
-                      _counts({"empty audio": 1}))
+        resumed.train(21, 2, {"loss": 1.0}, 1e-3, 100.0, 1.0, 0,
+                      WindowLoad(torch.zeros(0, 1), torch.zeros(0), torch.zeros(0), None), _counts({"empty audio": 1}))
         line = caplog.records[-1].getMessage()
     resumed.close()
     assert line.endswith("skipped 0 skipped data 1 (empty audio 1)")
