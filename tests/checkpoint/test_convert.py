@@ -61,6 +61,30 @@ def test_convert_average_writes_the_mean_of_the_named_checkpoints(tmp_path):
         torch.testing.assert_close(value, sum(s[key] for s in states) / 3, rtol=0, atol=1e-5, msg=key)
 
 
+def test_average_means_the_choice_bias_and_so_the_choice_scores(tmp_path):
+    """A router chooses by ``x W + b``, affine in (W, b): the average model's router scores every
+    token with the mean of the sources' scores. Runs balanced at another rate are the same model."""
+    paths, routers = [], []
+    for i, rate in enumerate((0.0, 0.001)):
+        torch.manual_seed(i)
+        cfg = ExperimentConfig(model=tiny_config())
+        cfg.model.moe.bias_update_rate = rate
+        model = build_model(cfg.model)
+        for layer in model.moe_layers():
+            layer.router.choice_bias.copy_(torch.randn(4))
+        paths.append(save_model(tmp_path / f"m{i}.pt", model.state_dict(), cfg, _tokenizer()))
+        routers.append(model.moe_layers()[0].router)
+    ms = average(paths)
+    mean = build_model(ms.config.model)
+    mean.load_state_dict(ms.state)
+    router = mean.moe_layers()[0].router
+    torch.testing.assert_close(router.choice_bias, (routers[0].choice_bias + routers[1].choice_bias) / 2)
+    x = torch.randn(50, 32)
+    with torch.no_grad():
+        scores = [r.gate(x) + r.choice_bias for r in (*routers, router)]
+    torch.testing.assert_close(scores[2], (scores[0] + scores[1]) / 2, rtol=0, atol=1e-6)
+
+
 def test_average_refuses_different_models(tmp_path):
     a, _ = _saved(tmp_path / "a.pt", 0)
     b, _ = _saved(tmp_path / "b.pt", 0, num_experts=2)

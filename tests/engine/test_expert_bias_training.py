@@ -4,13 +4,15 @@ stays equal on both, travels in checkpoints and resumes exactly.
 Each rank routes its own batches, so the two ranks' counts differ at every step; the bias must still
 be one value on both ranks: the sum over the steps of ``choice_bias_step`` of the two ranks' counts
 together. 6 steps straight vs 3, stop, resume, 3 more (as tests/engine/test_resume.py) must give the
-same losses and the same weights and biases.
+same losses and the same weights and biases. The consolidated file (``ds-to-pt --with-optimizer``, what
+``--init-from`` continues at another layout) holds the same bias.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
+from moe_asr.checkpoint.convert import ds_to_pt
 from moe_asr.moe.router import choice_bias_step
 from moe_asr.run.layout import read_deepspeed_model
 from tests.engine.conftest import REPO, SMALL_MODEL, data_overrides, read_metrics, run_training, train_cmd
@@ -46,8 +48,10 @@ def test_bias_is_balanced_from_all_ranks_equal_on_both_and_resumes_exactly(small
     assert torch.equal(torch.stack(list(ranks[0]["bias"].values())), torch.stack(list(ranks[1]["bias"].values())))
     assert expected.abs().max() >= 2 * RATE  # moved, and not back and forth only
     saved = read_deepspeed_model(straight / "checkpoints" / f"step_{STEPS}")
+    consolidated, _ = ds_to_pt(straight, f"step_{STEPS}", with_optimizer=True)  # the file --init-from reshards
     for name, bias in ranks[0]["bias"].items():
         assert torch.equal(saved[f"{name}.router.choice_bias"], bias), name
+        assert torch.equal(consolidated.state[f"{name}.router.choice_bias"], bias), name
     assert all("moe_max_mean" in r and "moe_rank_share" in r for r in read_metrics(straight) if "loss" in r)
 
     _train(small_corpus, split, STEPS // 2, 29662)
