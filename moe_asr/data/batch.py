@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moe_asr.symbols import UNK_ID
+
 
 @dataclass
 class Batch:
@@ -33,3 +35,10 @@ class Batch:
 
     def _tensors(self) -> tuple[torch.Tensor, ...]:
         return self.feats, self.feats_lengths, self.targets, self.target_lengths
+
+
+def filler_batch(input_dim: int, frames: int = 100) -> Batch:
+    """One silent utterance with a one-token target, never counted: the forward a rank without data runs
+    to stay in step with its peers' collectives (the expert-parallel all-to-alls)."""
+    return Batch(["<filler>"], torch.zeros(1, frames, input_dim), torch.tensor([frames]),
+                 torch.full((1, 1), UNK_ID, dtype=torch.long), torch.tensor([1]))

@@ -8,12 +8,14 @@ Three guarantees on top of ``torch.utils.data.DataLoader``:
   delivered (plus shards done / samples read for humans); ``load_state_dict()``
   makes the next ``__iter__`` replay only the cheap planning of those batches.
   Nothing is repeated and nothing skipped.
-* Uneven ranks. Shards rarely split into equal batch counts, and a rank that
-  stops early would leave the others blocked in a collective. With
+* Uneven ranks (training). Shards rarely split into equal batch counts, and a
+  rank that stops early would leave the others blocked in a collective. With
   torch.distributed initialised, every step the ranks agree (all-reduce MIN
   over gloo) whether all still have a batch; the epoch ends for everyone at
   the first rank that runs out. The tail batches dropped this way differ every
-  epoch because the shard order is reshuffled.
+  epoch because the shard order is reshuffled. The CV loader (``build_loader``
+  with ``"cv"``) does not do this: each rank reads all its data, and the
+  training loop keeps the ranks' forwards in step instead.
 
 Skip counts (``skipped``) are per epoch: the workers count what they skip and
 send the counts with every batch; the loader keeps the latest of each worker
@@ -226,4 +228,7 @@ def build_loader(cfg: DataConfig, split: Literal["train", "cv"] = "train", token
     if shards is None:
         raise ValueError(f"data.{split}_shards is not set")
     tokenizer = tokenizer or Tokenizer.from_config(cfg.tokenizer)
-    return AsrDataLoader(shards, cfg, tokenizer, train=split == "train", rank=rank, world_size=world_size)
+    # CV reads every utterance of every rank (the training loop keeps the ranks' forwards in step);
+    # training stops all ranks at the first one out of data, so that every step is a step of all.
+    return AsrDataLoader(shards, cfg, tokenizer, train=split == "train", rank=rank, world_size=world_size,
+                         sync_ranks=split == "train")

@@ -123,10 +123,12 @@ class TrainLogger:
             self.bar.set_postfix_str(line)
         log.info(line)
 
-    def cv(self, step: int, epoch: int, losses: dict[str, float]) -> None:
+    def cv(self, step: int, epoch: int, losses: dict[str, float], utterances: int) -> None:
+        """Mean CV losses and the number of CV utterances they are over (all ranks)."""
         if not self.enabled:
             return
-        self._record({"step": step, "epoch": epoch, **{f"cv_{k}": v for k, v in losses.items()}})
+        self._record({"step": step, "epoch": epoch, **{f"cv_{k}": v for k, v in losses.items()},
+                      "cv_utterances": utterances})
         for name, value in losses.items():
             self.writer.add_scalar(f"cv/{name}", value, step)
         log.info("epoch %d step %d CV loss %.4f (%s)", epoch, step, losses["loss"],

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from moe_asr.run.config import ExperimentConfig
-from moe_asr.data.batch import Batch
+from moe_asr.data.batch import Batch, filler_batch
 from moe_asr.data.loader import AsrDataLoader
 from moe_asr.data.stats import SKIP_REASONS
 from moe_asr.engine import plots
@@ -161,7 +161,7 @@ class Trainer:
                 self.train_loader.set_epoch(epoch)
                 completed = self._train_epoch()
                 cv = self.evaluate()
-                self.logger.cv(s.step, epoch, cv)
+                self.logger.cv(s.step, epoch, cv, self.cv_utterances)
                 if completed:
                     s.epoch += 1
                 self._save(f"epoch_{epoch}" if completed else f"step_{s.step}", epoch, cv["loss"])
@@ -248,29 +248,44 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Utterance-weighted mean CV losses over all ranks.
+        """Utterance-weighted mean CV losses over all ranks, every CV utterance of every rank counted.
 
-        CV closes every epoch (and the stop at max_steps), so its collective also
+        The CV loader does not stop at the first rank out of data (training's equal-step rule): each
+        rank reads all of its shards. With expert parallelism every forward is a collective (the
+        all-to-alls), so a rank that has finished runs a weightless filler batch for as long as any
+        rank still has one. CV closes every epoch (and the stop at max_steps), so its collective also
         sums both loaders' skip counts of the epoch for the epoch's data report.
         """
         self.engine.eval()
         sums = torch.zeros(len(LOSS_KEYS) + 1, dtype=torch.float64, device=self.info.device)
         devices = [self.info.device] if self.info.device.type == "cuda" else []
+        lockstep = self.cfg.parallel.ep_size > 1
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.cfg.train.seed)
-            for batch in self.cv_loader:
-                batch = batch.to(self.info.device)
+            batches = iter(self.cv_loader)
+            while True:
+                batch = next(batches, None)
+                if lockstep:
+                    if not all_reduce(torch.tensor([batch is not None], dtype=torch.int32, device=self.info.device),
+                                      dist.ReduceOp.MAX).item():
+                        break
+                elif batch is None:
+                    break
+                real = batch is not None
+                batch = (batch if real else filler_batch(self.cfg.model.input_dim)).to(self.info.device)
                 out = self.engine(batch.feats.to(self.dtype), batch.feats_lengths, batch.targets,
                                   batch.target_lengths)
-                n = len(batch)
-                sums[:-1] += torch.stack([out[k].double() * n for k in LOSS_KEYS])
-                sums[-1] += n
+                if real:
+                    n = len(batch)
+                    sums[:-1] += torch.stack([out[k].double() * n for k in LOSS_KEYS])
+                    sums[-1] += n
         total = all_reduce_named({"cv": sums, "train_skipped": _skip_vector(self.train_loader),
                                   "cv_skipped": _skip_vector(self.cv_loader)}, self.info.device)
         self.logger.epoch_data(self.state.step, self.state.epoch, _skip_counts(total["train_skipped"]),
                                _skip_counts(total["cv_skipped"]))
         self.engine.train()
         cv = total["cv"]
+        self.cv_utterances = int(cv[-1].item())
         return {k: (cv[i] / cv[-1].clamp_min(1)).item() for i, k in enumerate(LOSS_KEYS)}
 
     def _finish(self) -> None:
