@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from moe_asr.engine.run_lock import release_held
+from moe_asr.run.config import ConfigError
 from moe_asr.lifetime import die_with_parent
 
 log = logging.getLogger("moe_asr.train")
@@ -117,6 +118,10 @@ def init_distributed() -> DistInfo:
     if "RANK" in os.environ:
         end_with_launcher()
     else:
+        tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+        if tasks > 1:  # each task would make a world of its own, all writing the same out-dir
+            raise ConfigError(f"srun started {tasks} tasks of the training script with no RANK set: each would "
+                              f"train alone; run one launcher per node (launch/slurm/train.sbatch) or one task")
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

@@ -121,3 +121,14 @@ def test_weight_decay_spares_biases_and_norms(one_rank):
     assert by_id[id(experts.w1)]["weight_decay"] == 0.1 and by_id[id(experts.b1)]["weight_decay"] == 0.0
     assert by_id[id(experts.w1)].get("moe") and not by_id[id(model.ctc.ctc_lo.weight)].get("moe")
     assert by_id[id(model.ctc.ctc_lo.bias)]["weight_decay"] == 0.0
+
+
+def test_srun_tasks_without_ranks_are_refused(monkeypatch):
+    """`srun -n 2 python launch/train.py` gives two tasks and no RANK: each would be a world of its own,
+    both writing one out-dir. Refused before anything starts (a single task, or RANK set, is fine)."""
+    from moe_asr.engine.distributed import init_distributed
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    with pytest.raises(ConfigError, match="srun started 2 tasks of the training script with no RANK set"):
+        init_distributed()
