@@ -119,7 +119,12 @@ class AsrDataLoader:
             raise ConfigError(f"{name}: {len(self.shards)} shard(s) cannot feed {self.world_size} ranks; write at "
                               f"least ranks x DataLoader workers = {self.world_size * workers} shards, ideally "
                               f"many more (`moe-asr make-shards --per-shard N` with a smaller N)")
-        per_rank = len(self.shards) // self.world_size
+        per_rank, extra = divmod(len(self.shards), self.world_size)
+        if self.train and extra:
+            log.warning("%s: %d shards over %d ranks: %d rank(s) get one shard more, and a training epoch ends "
+                        "when the first rank runs out, so about %d shard(s) (%.0f%%) of each epoch are not "
+                        "trained on; write a multiple of %d shards", name, len(self.shards), self.world_size,
+                        extra, extra, 100 * extra / len(self.shards), self.world_size)
         if per_rank < workers:
             log.warning("%s: only %d shard(s) per rank for %d DataLoader workers: some workers will idle",
                         name, per_rank, workers)

@@ -239,6 +239,20 @@ def test_too_few_shards_for_the_ranks_name_the_list_and_the_fix(corpus):
     assert len(build_loader(cfg, "cv", corpus.tokenizer(cfg), rank=7, world_size=8).shards) == 8  # one a rank: enough
 
 
+def test_shards_that_do_not_divide_over_the_ranks_warn_what_training_loses(corpus, caplog):
+    """Training stops every rank at the first one out of data: with 8 shards over 3 ranks, two ranks hold a
+    shard the third has no twin for, and about that much of each epoch goes untrained. CV reads everything."""
+    cfg = corpus.config(cv_shards=str(corpus.shard_list), num_workers=1)
+    with caplog.at_level("WARNING", logger="moe_asr.data.loader"):
+        build_loader(cfg, "train", corpus.tokenizer(cfg), rank=0, world_size=3)
+        build_loader(cfg, "cv", corpus.tokenizer(cfg), rank=0, world_size=3)
+        build_loader(cfg, "train", corpus.tokenizer(cfg), rank=0, world_size=4)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [f"data.train_shards ({corpus.shard_list}): 8 shards over 3 ranks: 2 rank(s) get one shard "
+                     f"more, and a training epoch ends when the first rank runs out, so about 2 shard(s) (25%) of "
+                     f"each epoch are not trained on; write a multiple of 3 shards"]
+
+
 def test_unknown_skip_reason_is_refused():
     with pytest.raises(ValueError, match="SKIP_REASONS"):
         DataStats().bad("cosmic ray", "key")
