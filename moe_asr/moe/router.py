@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
@@ -103,9 +104,15 @@ class TopKRouter(Router):
         state_dict.setdefault(prefix + "choice_bias", torch.zeros_like(self.choice_bias))
         super()._load_from_state_dict(state_dict, prefix, *args)
 
+    def logits(self, x: Tensor) -> Tensor:
+        """The gate in float32 whatever the activations are (as DeepSpeed's gate): in bf16, logits a few
+        ulps apart tie or swap, and the top-k and its weights follow the rounding, not the model."""
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.gate.weight.float())
+
     def forward(self, x: Tensor) -> tuple[Routing, Tensor]:
         """Route ``x [N, d]``; returns the routing and the weighted auxiliary loss."""
-        logits = self.gate(x)
+        logits = self.logits(x)
         routing = top_k_softmax(logits, self.top_k, self.choice_bias)
         experts = routing.experts
         aux = logits.new_zeros((), dtype=torch.float32)
@@ -123,10 +130,10 @@ class TopKRouter(Router):
     def onnx_logits(self, x: Tensor) -> Tensor | None:
         """The gate's logits while the bias is zero; None once it is not (ONNX Runtime's MoE node
         chooses and weights by the same logits, so a biased choice takes the standard-op path)."""
-        return None if bool(self.choice_bias.any()) else self.gate(x)
+        return None if bool(self.choice_bias.any()) else self.logits(x)
 
     def onnx_routing(self, x: Tensor) -> Routing:
-        return top_k_softmax(self.gate(x), self.top_k, self.choice_bias)
+        return top_k_softmax(self.logits(x), self.top_k, self.choice_bias)
 
 
 def top_k_softmax(logits: Tensor, k: int, bias: Tensor | None = None) -> Routing:

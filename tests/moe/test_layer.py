@@ -187,3 +187,16 @@ def test_a_router_given_no_tokens_reports_zeros_not_nan():
     assert router.entropy.item() == 0.0 and router.tokens_per_expert.tolist() == [0, 0, 0, 0]
     aux.backward()
     assert router.gate.weight.grad is not None and not router.gate.weight.grad.any()
+
+
+def test_a_bf16_router_routes_by_float32_logits():
+    """bf16 activations and gate, as DeepSpeed's bf16 mode makes them: the logits, the top-k and the
+    softmax over it are computed in float32 from those bf16 values (bf16 logits would round first)."""
+    torch.manual_seed(3)
+    router = TopKRouter(64, MoEConfig(8, 2)).to(torch.bfloat16)
+    x = torch.randn(256, 64).to(torch.bfloat16)
+    routing, _ = router(x)
+    logits = x.float() @ router.gate.weight.float().T
+    top, experts = logits.topk(2, dim=-1)
+    assert torch.equal(routing.experts, experts)
+    torch.testing.assert_close(routing.weights, torch.softmax(top, -1), rtol=1e-6, atol=1e-7)
