@@ -14,6 +14,10 @@ from typing import Literal, Optional
 from moe_asr.schema import check
 
 
+# Kaldi's VTLN cutoffs (vtln-low, vtln-high: an offset from Nyquist), as VTLP uses them.
+VTLN_LOW, VTLN_HIGH = 100.0, -500.0
+
+
 @dataclass
 class FeatureConfig:
     """Waveform -> log-mel fbank, exactly as ``torchaudio.compliance.kaldi.fbank`` computes it."""
@@ -31,6 +35,17 @@ class FeatureConfig:
     # [1.0] disables it. It moves formants as another vocal tract length would, without changing
     # tempo, so a few real speakers and male synthetic voices also stand for higher and lower voices.
     vtlp: list[float] = field(default_factory=lambda: [1.0])
+    # Edges of the mel filterbank in Hz; high_freq <= 0 is an offset from Nyquist (Kaldi's rule).
+    # Kaldi's and WeNet's 20 and 0 by default; sherpa-onnx's recognizers use 20 and -400.
+    low_freq: float = 20.0
+    high_freq: float = 0.0
+    # Kaldi's framing: true keeps the frames that fit inside the audio (Kaldi, torchaudio, WeNet);
+    # false puts a frame every shift from the start, the audio mirrored at both ends (sherpa-onnx).
+    snip_edges: bool = True
+    # Floor on every mel bin's energy, in dB above what dither of one 16-bit step (N(0, 1) on the
+    # 2^15-scaled wave) gives that bin; null: no floor. Below it a bin says nothing that survives a
+    # runtime that dithers (sherpa-onnx's offline WeNet CTC recognizer always adds that dither).
+    mel_floor_db: Optional[float] = None
 
     def __post_init__(self) -> None:
         check(self.sample_rate >= 1000, "sample_rate", f"must be >= 1000 Hz, got {self.sample_rate}")
@@ -42,6 +57,21 @@ class FeatureConfig:
               "speed_perturb", f"needs one or more factors in [0.5, 2.0], got {self.speed_perturb}")
         check(len(self.vtlp) >= 1 and all(0.7 <= a <= 1.4 for a in self.vtlp),
               "vtlp", f"needs one or more warp factors in [0.7, 1.4], got {self.vtlp}")
+        nyquist = self.sample_rate / 2
+        check(0 <= self.low_freq < nyquist, "low_freq", f"must be in [0, {nyquist:g}) Hz, got {self.low_freq}")
+        check(self.low_freq < self.mel_high_freq <= nyquist, "high_freq",
+              f"{self.high_freq} puts the filterbank's top at {self.mel_high_freq:g} Hz: it must lie above "
+              f"low_freq ({self.low_freq:g}) and at most at Nyquist ({nyquist:g}); <= 0 counts from Nyquist")
+        warps_inside = self.low_freq < VTLN_LOW and nyquist + VTLN_HIGH < self.mel_high_freq
+        check(all(a == 1.0 for a in self.vtlp) or warps_inside, "vtlp",
+              f"warps the bank between {VTLN_LOW:g} Hz and Nyquist - {-VTLN_HIGH:g} Hz (Kaldi's VTLN cutoffs), "
+              f"which must lie inside low_freq..high_freq ({self.low_freq:g}..{self.mel_high_freq:g})")
+        check(self.mel_floor_db is None or self.mel_floor_db >= 0, "mel_floor_db", "must be >= 0 (or null)")
+
+    @property
+    def mel_high_freq(self) -> float:
+        """The filterbank's top in Hz (``high_freq`` resolved against Nyquist)."""
+        return self.high_freq if self.high_freq > 0 else self.sample_rate / 2 + self.high_freq
 
     @property
     def window_size(self) -> int:

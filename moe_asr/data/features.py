@@ -16,7 +16,8 @@ import torch
 import torchaudio
 from torchaudio.compliance.kaldi import get_mel_banks
 
-from moe_asr.data.config import ChannelEqConfig, EdgeCropConfig, FeatureConfig, SpecAugConfig, SpecSubConfig
+from moe_asr.data.config import (VTLN_HIGH, VTLN_LOW, ChannelEqConfig, EdgeCropConfig, FeatureConfig, SpecAugConfig,
+                                 SpecSubConfig)
 
 # Kaldi works on 16-bit integer sample values: dither 1.0 means one LSB.
 WAVE_SCALE = float(1 << 15)
@@ -53,7 +54,9 @@ def resample(wave: torch.Tensor, source_rate: int, target_rate: int, speed: floa
 
 
 def num_frames(num_samples: int, cfg: FeatureConfig) -> int:
-    """Fbank frames of ``num_samples`` at ``cfg.sample_rate`` (Kaldi's snip_edges framing)."""
+    """Fbank frames of ``num_samples`` at ``cfg.sample_rate`` (Kaldi's framing, ``cfg.snip_edges``)."""
+    if not cfg.snip_edges:
+        return (num_samples + cfg.window_shift // 2) // cfg.window_shift
     if num_samples < cfg.window_size:
         return 0
     return 1 + (num_samples - cfg.window_size) // cfg.window_shift
@@ -62,9 +65,9 @@ def num_frames(num_samples: int, cfg: FeatureConfig) -> int:
 class Fbank:
     """Kaldi log-mel fbank of a list of waveforms, equal to ``torchaudio.compliance.kaldi.fbank``.
 
-    Default Kaldi options (povey window, preemphasis 0.97, DC removal, power
-    spectrum, snip_edges) as used by WeNet; waveforms are float in [-1, 1] and
-    scaled by 2^15 here.
+    Kaldi's options as WeNet uses them (povey window, preemphasis 0.97, DC
+    removal, power spectrum), framing, filterbank edges and an optional floor
+    from ``cfg``; waveforms are float in [-1, 1] and scaled by 2^15 here.
     """
 
     def __init__(self, cfg: FeatureConfig):
@@ -74,14 +77,48 @@ class Fbank:
         self.window = torch.hann_window(self.window_size, periodic=False).pow(0.85)
         self._mels: dict[float, torch.Tensor] = {}
         self.mel = self.mel_bank(1.0)
+        self.floor = torch.full((cfg.num_mel_bins,), _EPS)
+        if cfg.mel_floor_db is not None:
+            # White noise N(0, 1) through a linear chain M gives E|X_k|^2 = sum_n |M_kn|^2: the power
+            # spectra of the unit impulses, summed.
+            noise = self._power(torch.eye(self.window_size)).sum(0) @ self.mel
+            self.floor = (noise * 10 ** (cfg.mel_floor_db / 10)).clamp_min(_EPS)
+
+    @property
+    def log_floor(self) -> torch.Tensor | None:
+        """The floor per mel bin on log-mel features (``cfg.mel_floor_db``), None without one."""
+        return None if self.cfg.mel_floor_db is None else self.floor.log()
 
     def mel_bank(self, warp: float) -> torch.Tensor:
         """[fft_size // 2 + 1, num_mel_bins] for a VTLN warp factor (Kaldi's cutoffs); the Nyquist bin weighs 0."""
         if warp not in self._mels:
-            mel, _ = get_mel_banks(self.cfg.num_mel_bins, self.fft_size, float(self.cfg.sample_rate),
-                                   20.0, 0.0, 100.0, -500.0, warp)
+            cfg = self.cfg
+            mel, _ = get_mel_banks(cfg.num_mel_bins, self.fft_size, float(cfg.sample_rate), cfg.low_freq,
+                                   cfg.high_freq, VTLN_LOW, VTLN_HIGH, warp)
             self._mels[warp] = torch.nn.functional.pad(mel, (0, 1)).T.contiguous()
         return self._mels[warp]
+
+    def _frames(self, wave: torch.Tensor, n: int) -> torch.Tensor:
+        """[n, window_size] view of ``wave``; without snip_edges frame f starts at f * shift + shift // 2 -
+        window // 2 and the wave is mirrored at its ends (x[-1] = x[0]), as Kaldi does."""
+        if not self.cfg.snip_edges:
+            start = self.window_shift // 2 - self.window_size // 2
+            index = torch.arange(start, start + (n - 1) * self.window_shift + self.window_size) % (2 * wave.numel())
+            wave = wave[torch.where(index < wave.numel(), index, 2 * wave.numel() - 1 - index)]
+        return wave.as_strided((n, self.window_size), (self.window_shift, 1))
+
+    def _power(self, x: torch.Tensor) -> torch.Tensor:
+        """Power spectra [N, fft_size // 2 + 1] of frames [N, window_size] (``x`` is overwritten):
+        DC removal, preemphasis, window, FFT, as Kaldi does."""
+        x -= x.mean(dim=1, keepdim=True)
+        # Preemphasis (x[j] - 0.97 x[j-1], x[-1] := x[0]) and the window, written straight into
+        # the zero-padded FFT buffer: one pass each, no temporaries.
+        buf = x.new_zeros(x.shape[0], self.fft_size)
+        torch.sub(x[:, 1:], _PREEMPHASIS * x[:, :-1], out=buf[:, 1:self.window_size])
+        buf[:, 0] = x[:, 0] * (1 - _PREEMPHASIS)
+        buf[:, :self.window_size] *= self.window
+        spec = torch.fft.rfft(buf)
+        return torch.addcmul(spec.real.square(), spec.imag, spec.imag)  # |X|^2 without the sqrt of abs()
 
     def __call__(self, waves: list[torch.Tensor], dither: float = 0.0, generator: torch.Generator | None = None,
                  warps: Sequence[float] | None = None) -> list[torch.Tensor]:
@@ -96,24 +133,15 @@ class Fbank:
                 # Kaldi draws noise per frame; drawing it per sample gives every frame sample the same
                 # N(0, dither^2) at 1/2.5 of the cost (frames overlap by 60%).
                 w += torch.randn(w.shape, generator=generator) * dither
-            frames.append(w.as_strided((n, self.window_size), (self.window_shift, 1)))
+            frames.append(self._frames(w, n))
         if not frames:
             return [torch.empty(0, self.cfg.num_mel_bins) for _ in waves]
-        x = torch.cat(frames)
-        x -= x.mean(dim=1, keepdim=True)
-        # Preemphasis (x[j] - 0.97 x[j-1], x[-1] := x[0]) and the window, written straight into
-        # the zero-padded FFT buffer: one pass each, no temporaries.
-        buf = x.new_zeros(x.shape[0], self.fft_size)
-        torch.sub(x[:, 1:], _PREEMPHASIS * x[:, :-1], out=buf[:, 1:self.window_size])
-        buf[:, 0] = x[:, 0] * (1 - _PREEMPHASIS)
-        buf[:, :self.window_size] *= self.window
-        spec = torch.fft.rfft(buf)
-        power = torch.addcmul(spec.real.square(), spec.imag, spec.imag)  # |X|^2 without the sqrt of abs()
+        power = self._power(torch.cat(frames))
         if warps is None or all(a == 1.0 for a in warps):
             feats = torch.mm(power, self.mel)
         else:
             feats = torch.cat([torch.mm(p, self.mel_bank(a)) for p, a in zip(power.split(counts), warps)])
-        return list(feats.clamp_min_(_EPS).log_().split(counts))
+        return list(torch.maximum(feats, self.floor, out=feats).log_().split(counts))
 
 
 def edge_crop(feats: list[torch.Tensor], cfg: EdgeCropConfig, min_keep: int,

@@ -1,6 +1,7 @@
 """Fbank equals torchaudio's Kaldi fbank; length predictions are exact; augmentations stay in bounds."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -21,20 +22,62 @@ def _real_waves(n: int, rate: int) -> list[torch.Tensor]:
     return [torchaudio.functional.resample(w, 8000, rate) for w in waves]
 
 
-@pytest.mark.parametrize("rate,mels,shift", [(16000, 80, 10.0), (8000, 40, 12.5)])
-def test_fbank_equals_torchaudio_kaldi_fbank(rate, mels, shift):
-    cfg = FeatureConfig(sample_rate=rate, num_mel_bins=mels, frame_shift_ms=shift)
+@pytest.mark.parametrize("rate,mels,shift,options", [
+    (16000, 80, 10.0, {}), (8000, 40, 12.5, {}),
+    (8000, 40, 10.0, {"snip_edges": False, "high_freq": -400.0}),           # sherpa-onnx's defaults
+    (16000, 80, 12.5, {"snip_edges": False, "low_freq": 60.0, "high_freq": 7000.0})])
+def test_fbank_equals_torchaudio_kaldi_fbank(rate, mels, shift, options):
+    cfg = FeatureConfig(sample_rate=rate, num_mel_bins=mels, frame_shift_ms=shift, **options)
     waves = _real_waves(5, rate) + [torch.randn(cfg.window_size) * 0.1, torch.randn(cfg.window_size - 1)]
     ours = Fbank(cfg)(waves)
     for w, got in zip(waves, ours):
         assert got.shape[0] == num_frames(w.numel(), cfg)
-        if w.numel() < cfg.window_size:  # torchaudio refuses audio shorter than a window; we give no frames
-            assert got.shape == (0, mels)
+        if w.numel() < cfg.window_size:  # torchaudio refuses audio shorter than a window
+            # Kaldi's count: none that fit (snip_edges), else one per shift started
+            n = 0 if cfg.snip_edges else (w.numel() + cfg.window_shift // 2) // cfg.window_shift
+            assert got.shape == (n, mels)
             continue
         ref = kaldi_fbank(w[None] * 32768, num_mel_bins=mels, frame_length=25.0, frame_shift=shift,
-                          dither=0.0, energy_floor=0.0, sample_frequency=rate)
+                          dither=0.0, energy_floor=0.0, sample_frequency=rate, **options)
         # |X|^2 is computed without abs()'s sqrt, so float32 rounding differs slightly.
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-4)
+
+
+def test_mel_floor_is_its_db_above_the_dither_of_one_step():
+    """The floor per bin is the mean mel energy that dither N(0, 1) alone gives (computed, not drawn)."""
+    cfg = FeatureConfig(sample_rate=8000, num_mel_bins=40, mel_floor_db=0.0)
+    silence = [torch.zeros(8000 * 60)]
+    dither = Fbank(dataclasses.replace(cfg, mel_floor_db=None))(silence, 1.0, torch.Generator().manual_seed(0))[0]
+    torch.testing.assert_close(Fbank(cfg).log_floor, dither.exp().mean(0).log(), rtol=0, atol=0.05)
+    lifted = Fbank(dataclasses.replace(cfg, mel_floor_db=30.0)).log_floor
+    torch.testing.assert_close(lifted - Fbank(cfg).log_floor, torch.full((40,), 3 * math.log(10)))
+    assert Fbank(dataclasses.replace(cfg, mel_floor_db=None)).log_floor is None
+
+
+def test_mel_floor_makes_features_all_but_deaf_to_that_dither():
+    """A runtime that dithers one 16-bit step (sherpa-onnx's offline WeNet CTC recognizer) moves a
+    40 dB-floored feature by under 0.05; without the floor, quiet bins move by whole units."""
+    waves = _real_waves(20, 8000)
+    moved = {}
+    for db in (None, 40.0):
+        fbank = Fbank(FeatureConfig(sample_rate=8000, num_mel_bins=40, mel_floor_db=db))
+        clean = torch.cat(fbank(waves))
+        dithered = torch.cat(fbank(waves, dither=1.0, generator=torch.Generator().manual_seed(0)))
+        moved[db] = (dithered - clean).abs().max().item()
+        if db is not None:
+            assert (clean >= fbank.log_floor).all()
+            torch.testing.assert_close(clean, torch.maximum(torch.cat(Fbank(dataclasses.replace(
+                fbank.cfg, mel_floor_db=None))(waves)), fbank.log_floor))
+    assert moved[40.0] < 0.05 and moved[None] > 1.0, moved
+
+
+@pytest.mark.parametrize("options,key", [({"high_freq": 4500.0}, "high_freq"), ({"high_freq": -4000.0}, "high_freq"),
+                                         ({"low_freq": 150.0, "vtlp": [0.9, 1.1]}, "vtlp"),
+                                         ({"high_freq": -600.0, "vtlp": [1.1]}, "vtlp"),
+                                         ({"mel_floor_db": -1.0}, "mel_floor_db")])
+def test_bad_filterbank_options_are_refused_naming_the_key(options, key):
+    with pytest.raises(ValueError, match=key):
+        FeatureConfig(sample_rate=8000, num_mel_bins=40, **options)
 
 
 def test_vtlp_equals_kaldi_vtln_warp_per_utterance():
