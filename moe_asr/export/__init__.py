@@ -6,5 +6,6 @@ decoders for attention rescoring and, optionally, files for sherpa-onnx's
 WeNet CTC model type; see docs/tools.md (`moe-asr export`).
 """
 from moe_asr.export.bundle import DESCRIPTION, export_model
+from moe_asr.export.sherpa import SherpaOptions
 
-__all__ = ["DESCRIPTION", "export_model"]
+__all__ = ["DESCRIPTION", "SherpaOptions", "export_model"]

@@ -54,31 +54,37 @@ def _export_decoders(model: U2PPModel, out: Path, opset: int) -> list[Path]:
 
 
 def _export_sherpa(model: U2PPModel, out: Path, chunk_size: int, num_left_chunks: int, opset: int,
-                   symbol_table: dict[str, int]) -> list[Path]:
+                   opts: sherpa.SherpaOptions) -> list[Path]:
     out.mkdir(exist_ok=True)
+    dim = model.cfg.input_dim
+    if opts.log_floor is not None and opts.log_floor.shape != (dim,):
+        raise ValueError(f"the feature floor has {tuple(opts.log_floor.shape)} bins, the model takes {dim}")
     tokens = out / "tokens.txt"
-    tokens.write_text("".join(f"{t} {i}\n" for t, i in sorted(symbol_table.items(), key=lambda kv: kv[1])))
-    files = [save_graph(sherpa.offline_graph(model), _feats_example(model), out / "model.onnx",
-                        {"x": ("N", "T", model.cfg.input_dim), "x_lens": ("N",)},
+    tokens.write_text(sherpa.tokens_txt(opts), encoding="utf-8")
+    files = [save_graph(sherpa.floored(sherpa.offline_graph(model), opts.log_floor), _feats_example(model),
+                        out / "model.onnx", {"x": ("N", "T", dim), "x_lens": ("N",)},
                         {"log_probs": ("N", "T_out", model.vocab_size), "log_probs_lens": ("N",)}, opset,
                         sherpa.offline_metadata(model))]
     if model.cfg.encoder.causal:
         graph = sherpa.SherpaStreaming(model, chunk_size, num_left_chunks)
         example = graph.example()
         files.append(save_graph(
-            graph, example, out / "model-streaming.onnx",
-            {"x": (1, "W", model.cfg.input_dim), "offset": (1,), "required_cache_size": (1,),
+            sherpa.floored(graph, opts.log_floor), example, out / "model-streaming.onnx",
+            {"x": (1, "W", dim), "offset": (1,), "required_cache_size": (1,),
              "attn_cache": tuple(example[3].shape), "conv_cache": tuple(example[4].shape),
              "attn_mask": tuple(example[5].shape)},
             {"log_probs": (1, "C", model.vocab_size), "next_att_cache": tuple(example[3].shape),
              "next_conv_cache": tuple(example[4].shape)}, opset,
             sherpa.streaming_metadata(model, chunk_size, num_left_chunks)))
-    return [*files, tokens]
+    script = out / "decode.py"
+    script.write_text(sherpa.decode_script(opts, dim, chunk_size, num_left_chunks, model.cfg.encoder.causal))
+    script.chmod(0o755)
+    return [*files, tokens, script]
 
 
 def export_model(model: U2PPModel, out_dir: str | Path, chunk_size: int = 16, num_left_chunks: int = 4,
-                 opset: int = 17, symbol_table: dict[str, int] | None = None, about: dict | None = None) -> dict:
-    """Write every graph of ``model`` under ``out_dir`` (``symbol_table`` given: also the sherpa-onnx
+                 opset: int = 17, sherpa_onnx: sherpa.SherpaOptions | None = None, about: dict | None = None) -> dict:
+    """Write every graph of ``model`` under ``out_dir`` (with ``sherpa_onnx``: also the sherpa-onnx
     files under ``sherpa-onnx/``) and ``export.json`` (with ``about``, e.g. the model's source and
     features, in front); returns what ``export.json`` holds.
 
@@ -95,8 +101,8 @@ def export_model(model: U2PPModel, out_dir: str | Path, chunk_size: int = 16, nu
     else:
         skipped["streaming"] = "the encoder is not causal (encoder.causal: false): it cannot stream"
     files += _export_decoders(model, out, opset)
-    if symbol_table is not None:
-        files += _export_sherpa(model, out / "sherpa-onnx", chunk_size, num_left_chunks, opset, symbol_table)
+    if sherpa_onnx is not None:
+        files += _export_sherpa(model, out / "sherpa-onnx", chunk_size, num_left_chunks, opset, sherpa_onnx)
     summary = {**(about or {}), "opset": opset, "chunk_size": chunk_size, "num_left_chunks": num_left_chunks,
                "files": {str(f.relative_to(out)): describe(f) for f in files if f.suffix == ".onnx"},
                "skipped": skipped}

@@ -8,7 +8,8 @@ Writes under OUTDIR:
   decoder_l2r.onnx, decoder_r2l.onnx
                             the attention decoders, teacher-forced, for rescoring
   sherpa-onnx/              with --sherpa-onnx: model.onnx (offline), model-streaming.onnx
-                            (causal encoders), tokens.txt, for sherpa-onnx's WeNet CTC model type
+                            (causal encoders), tokens.txt, for sherpa-onnx's WeNet CTC model type,
+                            and decode.py, which runs them with the model's rate, bins and fbank
   export.json               every file's inputs, outputs (axes) and metadata, the model's features
 
 Every MoE layer is one com.microsoft MoE node of ONNX Runtime (only the
@@ -22,8 +23,10 @@ import dataclasses
 import json
 import sys
 
-from moe_asr.checkpoint import load_model
-from moe_asr.export import DESCRIPTION, export_model
+from moe_asr import symbols
+from moe_asr.checkpoint import LoadedModel, load_model
+from moe_asr.data.features import Fbank
+from moe_asr.export import DESCRIPTION, SherpaOptions, export_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tag", help="checkpoint tag of a run directory (default: its latest)")
     parser.add_argument("-o", "--out-dir", required=True, help="output folder")
     parser.add_argument("--sherpa-onnx", action="store_true",
-                        help="also write sherpa-onnx WeNet CTC files (offline and streaming) and tokens.txt")
+                        help="also write sherpa-onnx WeNet CTC files (offline and streaming), tokens.txt and decode.py")
     parser.add_argument("--chunk-size", type=int, default=16,
                         help="streaming chunk in encoder frames (default 16)")
     parser.add_argument("--num-left-chunks", type=int, default=4,
@@ -49,16 +52,30 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError("--opset must be >= 17 (LayerNormalization)")
 
 
+def _sherpa_options(loaded: LoadedModel) -> SherpaOptions:
+    """The tokens and features of the model as sherpa-onnx's files need them."""
+    feats = loaded.config.data.features
+    if feats.num_mel_bins != loaded.model.cfg.input_dim:
+        raise ValueError(f"{loaded.source}: data.features.num_mel_bins ({feats.num_mel_bins}) is not "
+                         f"model.input_dim ({loaded.model.cfg.input_dim})")
+    return SherpaOptions(loaded.tokenizer.symbol_table, word_units=loaded.tokenizer.cfg.type == "word",
+                         unmarked=(symbols.BLANK, symbols.SOS_EOS), sample_rate=feats.sample_rate,
+                         fbank={"low_freq": feats.low_freq, "high_freq": feats.high_freq,
+                                "snip_edges": feats.snip_edges},
+                         log_floor=Fbank(feats).log_floor)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         _check_options(args)
         loaded = load_model(args.model, args.tag)
+        sherpa_onnx = _sherpa_options(loaded) if args.sherpa_onnx else None
     except (OSError, ValueError) as e:
         print(f"moe-asr export: error: {e}", file=sys.stderr)
         return 1
     about = {"model": str(loaded.source), "features": dataclasses.asdict(loaded.config.data.features)}
     summary = export_model(loaded.model, args.out_dir, args.chunk_size, args.num_left_chunks, args.opset,
-                           loaded.tokenizer.symbol_table if args.sherpa_onnx else None, about)
+                           sherpa_onnx, about)
     print(json.dumps({"out_dir": args.out_dir, "description": DESCRIPTION, "files": sorted(summary["files"]),
                       "skipped": summary["skipped"]}, indent=2))
     return 0

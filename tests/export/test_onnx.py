@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from moe_asr.export.bundle import export_model
+from moe_asr.export.sherpa import SherpaOptions
 from moe_asr.cli import main
 from moe_asr.export.graphs import StreamingEncoder, lengths_mask
 from moe_asr.model.u2pp import build_model
@@ -168,9 +169,10 @@ def test_moe_stays_sparse(exported):
 
 def test_a_full_context_model_exports_without_streaming_graphs(tmp_path, capsys):
     model = build_model(tiny_config(causal=False)).eval()
-    summary = export_model(model, tmp_path, CHUNK, LEFT, symbol_table={f"t{i}": i for i in range(12)})
+    summary = export_model(model, tmp_path, CHUNK, LEFT, sherpa_onnx=SherpaOptions({f"t{i}": i for i in range(12)}))
     assert sorted(summary["files"]) == ["decoder_l2r.onnx", "decoder_r2l.onnx", "encoder_ctc.onnx",
                                         "sherpa-onnx/model.onnx"]
+    assert "STREAMING = False" in (tmp_path / "sherpa-onnx" / "decode.py").read_text()
     assert "causal" in summary["skipped"]["streaming"]
     assert (tmp_path / "sherpa-onnx" / "tokens.txt").read_text().splitlines()[:2] == ["t0 0", "t1 1"]
     assert main(["export", "--model", str(tmp_path / "none.pt"), "-o", str(tmp_path), "--num-left-chunks", "-1"]) == 1
