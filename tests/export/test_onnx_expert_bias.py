@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from moe_asr.export.bundle import export_model
-from moe_asr.export.graphs import lengths_mask
 from moe_asr.model.u2pp import build_model
+from tests.export.test_onnx import check_decoders
 from tests.helpers import tiny_config
 
 CHUNK, LEFT = 4, 2
@@ -76,14 +76,4 @@ def test_encoder_graph_equals_eager_with_the_biased_choice(exported):
 
 def test_decoder_graph_equals_eager_with_the_biased_choice(exported):
     model, out = exported
-    torch.manual_seed(4)
-    memory, memory_lens = torch.randn(3, 17, 32), torch.tensor([17, 9, 12])
-    ys_in = torch.randint(0, model.vocab_size, (3, 7))
-    ys_in[:, 0] = model.sos
-    ys_lens = torch.tensor([7, 3, 5])
-    valid = torch.arange(7)[None] < ys_lens[:, None]
-    got = _run(out / "decoder_l2r.onnx", {"encoder_out": memory, "encoder_out_lens": memory_lens, "ys_in": ys_in,
-                                          "ys_in_lens": ys_lens})[0]
-    with torch.no_grad():
-        expected = model.decoder.left_decoder(memory, lengths_mask(memory_lens, 17), ys_in, ys_lens).log_softmax(-1)
-    torch.testing.assert_close(torch.from_numpy(got)[valid], expected[valid], atol=1e-4, rtol=0)
+    check_decoders(model, out)
