@@ -100,7 +100,7 @@ def grouped_ffn(rows: Tensor, counts: Tensor | list[int], w1: Tensor, b1: Tensor
         # No rows for these experts, but still a gradient (zeros) for each weight: under ZeRO every rank of
         # an expert-data-parallel group must reduce the same buckets, and a weight whose .grad stays None
         # is left out of them on this rank only (a hang or wrong sums on the others).
-        return rows.new_zeros(0, w2.shape[-1]) + sum(w.sum() for w in (w1, b1, w2, b2)) * 0
+        return rows.new_zeros(0, w2.shape[-1]) + sum(t.sum() for t in (rows, w1, b1, w2, b2)) * 0
     inplace = not (torch.is_grad_enabled() and (rows.requires_grad or w1.requires_grad))
     p = dropout if training else 0.0
     segments = plan_segments(counts, d, w1.shape[-1], rows.element_size())

@@ -91,8 +91,9 @@ def expert_parallel_grouped(grouped: Callable[[Tensor, Tensor], Tensor], rows: T
     """``grouped(rows, counts)`` over the experts of the whole group: same rows in, same rows out."""
     local_rows, local_counts, exchange = dispatch(rows, counts, group)
     out = grouped(local_rows, local_counts)
-    if local_rows.numel() == 0 and local_rows.requires_grad and not out.requires_grad:
-        # No rows for this rank's experts: a kernel may return a fresh empty tensor, cutting the
-        # graph. Reattach it (adds 0) so this rank still joins both backward exchanges its peers make.
+    if local_rows.numel() == 0 and local_rows.requires_grad:
+        # No rows for this rank's experts: a kernel's empty output may hang on the weights only (or on
+        # nothing), cutting the received rows out of the graph. Reattach them (adds 0) so this rank still
+        # joins both backward exchanges its peers make.
         out = out + local_rows.sum()
     return combine(out, exchange)
