@@ -58,8 +58,11 @@ def _assert_same_run(out: Path, reference: Path) -> None:
 
 
 def _signal_all(launcher: subprocess.Popen, sig: signal.Signals) -> None:
-    """``sig`` to the launcher and every process under it (torchrun puts each rank in a group of its own)."""
-    for pid, start in [(launcher.pid, None), *descendants({launcher.pid})]:
+    """``sig`` to every process under the launcher (torchrun puts each rank in a group of its own), then to it.
+
+    The ranks first: a rank that saw its launcher die first would release its lock on the way out (the
+    launcher watchdog), where a SIGKILLed run must leave it behind."""
+    for pid, start in [*descendants({launcher.pid}), (launcher.pid, None)]:
         if start is None or alive((pid, start)):
             os.kill(pid, sig)
 
