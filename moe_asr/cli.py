@@ -44,12 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, module_name in COMMANDS.items():
         if name == wanted:
             module = importlib.import_module(module_name)
-            p = sub.add_parser(name, help=summary(module_name), description=module.__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+            p = sub.add_parser(name, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
             module.add_arguments(p)
             p.set_defaults(_run=module.run)
-        else:
-            sub.add_parser(name, help=summary(module_name), add_help=False)
+        else:  # the summaries are read (from source) only for the list that a run without a command prints
+            sub.add_parser(name, help=None if wanted else summary(module_name), add_help=False)
     args = parser.parse_args(argv)
     if wanted is None:
         parser.print_help()
