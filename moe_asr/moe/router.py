@@ -118,13 +118,13 @@ class TopKRouter(Router):
         aux = logits.new_zeros((), dtype=torch.float32)
         probs = None
         if self.aux_loss_coef > 0:
-            probs = torch.softmax(logits.float(), dim=-1)
+            probs = torch.softmax(logits, dim=-1)
             aux = aux + self.aux_loss_coef * load_balancing_loss(probs, experts, self.num_experts)
         if self.z_loss_coef > 0:
-            z = torch.logsumexp(logits.float(), dim=-1).square()
+            z = torch.logsumexp(logits, dim=-1).square()
             aux = aux + self.z_loss_coef * z.sum() / max(z.numel(), 1)
         if self.training:
-            self.record(experts, probs if probs is not None else torch.softmax(logits.detach().float(), dim=-1))
+            self.record(experts, probs if probs is not None else torch.softmax(logits.detach(), dim=-1))
         return routing, aux
 
     def onnx_logits(self, x: Tensor) -> Tensor | None:
