@@ -12,8 +12,11 @@ Three guarantees on top of ``torch.utils.data.DataLoader``:
   rank that stops early would leave the others blocked in a collective. With
   torch.distributed initialised, every step the ranks agree (all-reduce MIN
   over gloo) whether all still have a batch; the epoch ends for everyone at
-  the first rank that runs out. The tail batches dropped this way differ every
-  epoch because the shard order is reshuffled. The CV loader (``build_loader``
+  the first rank that runs out. The shards that do not divide over the ranks
+  are shared sample by sample (``pipeline.worker_shards``), so the ranks' shares
+  differ by at most a few utterances and only the batches that equal steps
+  force out are dropped; the other ranks read theirs to the end to count them
+  (``skipped``). They differ every epoch because the shard order is reshuffled. The CV loader (``build_loader``
   with ``"cv"``) does not do this: each rank reads all its data, and the
   training loop keeps the ranks' forwards in step instead.
 
@@ -41,7 +44,7 @@ from torch.utils.data import DataLoader
 from moe_asr.data.batch import Batch
 from moe_asr.data.config import DataConfig
 from moe_asr.data.pipeline import Pipeline, ShardDataset, WorkerItem
-from moe_asr.data.shards import check_shards_exist, read_shard_list
+from moe_asr.data.shards import check_shards_exist, is_raw_entry, read_shard_list
 from moe_asr.data.stats import UNEVEN_RANKS
 from moe_asr.data.tokenizer import Tokenizer
 from moe_asr.lifetime import EndWithParent
@@ -120,11 +123,10 @@ class AsrDataLoader:
                               f"least ranks x DataLoader workers = {self.world_size * workers} shards, ideally "
                               f"many more (`moe-asr make-shards --per-shard N` with a smaller N)")
         per_rank, extra = divmod(len(self.shards), self.world_size)
-        if self.train and extra:
-            log.warning("%s: %d shards over %d ranks: %d rank(s) get one shard more, and a training epoch ends "
-                        "when the first rank runs out, so about %d shard(s) (%.0f%%) of each epoch are not "
-                        "trained on; write a multiple of %d shards", name, len(self.shards), self.world_size,
-                        extra, extra, 100 * extra / len(self.shards), self.world_size)
+        if extra and not is_raw_entry(self.shards[0]):
+            log.warning("%s: %d shards over %d ranks: every rank reads the headers of %d shard(s) to take its "
+                        "share of their samples; write a multiple of %d shards to read each shard once",
+                        name, len(self.shards), self.world_size, extra, self.world_size)
         if per_rank < workers:
             log.warning("%s: only %d shard(s) per rank for %d DataLoader workers: some workers will idle",
                         name, per_rank, workers)
@@ -140,8 +142,8 @@ class AsrDataLoader:
         """Utterances skipped, filtered or dropped on this rank in the current epoch so far, by reason.
 
         Only reasons that occurred are listed. ``dropped: uneven ranks`` counts
-        the batch this rank had ready when another rank ran out of data; the
-        unread rest of its shards is not read, so not counted.
+        the utterances of the batches this rank still had when another rank ran
+        out of data.
         """
         total = Counter({UNEVEN_RANKS: self._state["dropped"]})
         for worker in self._state["workers"]:
@@ -213,11 +215,14 @@ class AsrDataLoader:
         log_details, self._first_pass = self._first_pass, False
         sync = self.sync_ranks and self.world_size > 1 and dist.is_available() and dist.is_initialized()
         group = _sync_group() if sync else None
-        for batch in self._ordered(state, log_details):
+        batches = self._ordered(state, log_details)
+        for batch in batches:
             if sync and not _all_have_batch(True, group):
-                log.info("rank %d: epoch %d ends after %d batches: another rank ran out of data",
-                         self.rank, self.epoch, state["batches_delivered"] - 1)
-                state["dropped"] += len(batch)
+                trained = state["batches_delivered"] - 1
+                state["dropped"] += len(batch) + sum(len(rest) for rest in batches)
+                log.info("rank %d: epoch %d ends after %d batches: another rank ran out of data; %d of this "
+                         "rank's utterances are not trained on this epoch", self.rank, self.epoch, trained,
+                         state["dropped"])
                 state["complete"] = True
                 return
             yield batch

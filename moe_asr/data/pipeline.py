@@ -24,7 +24,7 @@ from moe_asr.data.batching import make_batches, pad, shuffle_buffer, sort_buffer
 from moe_asr.data.config import DataConfig
 from moe_asr.data.features import (Fbank, channel_eq, edge_crop, num_frames, resample, resampled_length,
                                     spec_augment, spec_sub)
-from moe_asr.data.shards import RawSample, read_shard
+from moe_asr.data.shards import RawSample, ShardPart, is_raw_entry, read_shard
 from moe_asr.data.stats import DataStats
 from moe_asr.data.tokenizer import Tokenizer
 from moe_asr.symbols import IGNORE_ID
@@ -36,14 +36,25 @@ def seed_for(*parts: int) -> int:
 
 
 def worker_shards(shards: Sequence[str], seed: int, epoch: int, rank: int, world_size: int,
-                  worker: int, num_workers: int, shuffle: bool) -> list[str]:
+                  worker: int, num_workers: int, shuffle: bool) -> list[ShardPart]:
     """This worker's shards: the list shuffled per epoch (same order on every rank), then every
     ``world_size``-th shard for this rank, then every ``num_workers``-th of those for this worker.
-    Every shard goes to exactly one (rank, worker), so no sample is read twice in an epoch."""
+
+    The last ``len % world_size`` tar shards of the order do not divide over the ranks: each rank
+    takes every ``world_size``-th sample of them instead, so the ranks' shares differ by at most one
+    utterance per such shard (whole shards would leave one rank a shard more, which training, stopping
+    all ranks with the first one out of data, could not use). Every sample goes to exactly one
+    (rank, worker), so no sample is read twice in an epoch. Raw data.list entries (one utterance each)
+    are never split.
+    """
     order = list(shards)
     if shuffle:
         random.Random(seed_for(seed, epoch)).shuffle(order)
-    return order[rank::world_size][worker::num_workers]
+    whole = len(order) - len(order) % world_size
+    mine = [ShardPart(s) for s in order[rank:whole:world_size]]
+    mine += [ShardPart(s) if is_raw_entry(s) else ShardPart(s, world_size, rank)
+             for i, s in enumerate(order[whole:]) if not is_raw_entry(s) or i % world_size == rank]
+    return mine[worker::num_workers]
 
 
 @dataclass(slots=True)
@@ -76,7 +87,7 @@ class Pipeline:
         self.fbank = Fbank(cfg.features)
 
     # ------------------------------------------------------------------ planning
-    def samples(self, shards: Sequence[str], stats: DataStats, pos: Position) -> Iterator[RawSample]:
+    def samples(self, shards: Sequence[str | ShardPart], stats: DataStats, pos: Position) -> Iterator[RawSample]:
         for shard in shards:
             pos.samples_in_shard = 0
             for sample in read_shard(shard, stats):
@@ -121,7 +132,7 @@ class Pipeline:
             return PlannedUtt(raw.key, raw.audio, info.sample_rate, info.num_frames, tokens, speed, warp, frames)
         return None
 
-    def plan(self, shards: Sequence[str], rng: random.Random, stats: DataStats,
+    def plan(self, shards: Sequence[str | ShardPart], rng: random.Random, stats: DataStats,
              pos: Position) -> Iterator[list[PlannedUtt]]:
         utts = (u for u in (self.prepare(s, rng, stats) for s in self.samples(shards, stats, pos)) if u)
         b = self.cfg.batching

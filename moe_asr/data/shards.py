@@ -185,6 +185,16 @@ def check_shards_exist(paths: Sequence[str]) -> None:
 # --------------------------------------------------------------------------- reading
 
 
+@dataclass(frozen=True)
+class ShardPart:
+    """Samples ``offset``, ``offset + stride``, ... of a shard (all of it by default): how the shards that
+    do not divide evenly over the ranks are shared out, one slice per rank."""
+
+    path: str
+    stride: int = 1
+    offset: int = 0
+
+
 @dataclass
 class RawSample:
     key: str
@@ -224,8 +234,12 @@ def _member_name(block: bytes) -> str:
     return name.decode("utf-8", "replace")
 
 
-def iter_tar(f: BinaryIO, name: str, stats: DataStats) -> Iterator[tuple[str, bytes]]:
-    """(member name, bytes) of the regular files in a tar stream; corrupt headers are counted and skipped."""
+def iter_tar(f: BinaryIO, name: str, stats: DataStats,
+             skip: Optional[Callable[[str], bool]] = None) -> Iterator[tuple[str, bytes]]:
+    """(member name, bytes) of the regular files in a tar stream; corrupt headers are counted and skipped.
+
+    ``skip(member)``, when given and true, seeks over that member's data unread (another rank's sample).
+    """
     long_name: Optional[str] = None
     resyncing = False
     while True:
@@ -246,6 +260,12 @@ def iter_tar(f: BinaryIO, name: str, stats: DataStats) -> Iterator[tuple[str, by
         resyncing = False
         size = _octal(block[124:136])
         kind = block[156:157]
+        regular = kind in (b"0", b"\0")
+        member = long_name or _member_name(block) if regular else ""
+        if regular and skip is not None and skip(member):
+            long_name = None
+            f.seek(size + (-size % _BLOCK), os.SEEK_CUR)
+            continue
         data = f.read(size)
         if len(data) < size:
             stats.bad("corrupt tar member", name, "truncated member data")
@@ -257,9 +277,8 @@ def iter_tar(f: BinaryIO, name: str, stats: DataStats) -> Iterator[tuple[str, by
         if kind == b"x":
             long_name = _pax_path(data)
             continue
-        member = long_name or _member_name(block)
         long_name = None
-        if kind in (b"0", b"\0"):
+        if regular:
             yield member, data
 
 
@@ -279,11 +298,36 @@ def _read_raw(entry: str) -> RawSample:
     return RawSample(row["key"], row["txt"], encode_audio(wave, sr, "wav"))
 
 
-def read_shard(path: str, stats: DataStats) -> Iterator[RawSample]:
+def _key_and_ext(member: str) -> tuple[str, str]:
+    """A member's sample key (its base name up to the last dot) and extension."""
+    base = member.rsplit("/", 1)[-1]
+    key, dot, ext = base.rpartition(".")
+    return (key, ext) if dot else (base, "")
+
+
+def _other_ranks_samples(part: ShardPart) -> Callable[[str], bool]:
+    """True for the members of the samples that are not ``part``'s (numbered by key changes, in file order)."""
+    last_key: Optional[str] = None
+    index = -1
+
+    def skip(member: str) -> bool:
+        nonlocal last_key, index
+        key = _key_and_ext(member)[0]
+        if key != last_key:
+            last_key, index = key, index + 1
+        return index % part.stride != part.offset
+
+    return skip
+
+
+def read_shard(path: str | ShardPart, stats: DataStats) -> Iterator[RawSample]:
     """Group a shard's members by key (``key.ext``, the key up to the last dot) into samples, in file order.
 
-    ``path`` may also be one utterance of a raw data.list (:func:`read_shard_list`), yielded as its sample.
+    ``path`` may also be one utterance of a raw data.list (:func:`read_shard_list`), yielded as its sample,
+    or a :class:`ShardPart`: every ``stride``-th sample only, the others' data never read.
     """
+    part = path if isinstance(path, ShardPart) else ShardPart(path)
+    path = part.path
     if is_raw_entry(path):
         yield _read_raw(path)
         return
@@ -291,13 +335,11 @@ def read_shard(path: str, stats: DataStats) -> Iterator[RawSample]:
         f = open(path, "rb", buffering=1 << 20)
     except FileNotFoundError:
         raise FileNotFoundError(f"missing shard file: {path}") from None
+    skip = _other_ranks_samples(part) if part.stride > 1 else None
     current: Optional[RawSample] = None
     with f:
-        for member, data in iter_tar(f, path, stats):
-            base = member.rsplit("/", 1)[-1]
-            key, dot, ext = base.rpartition(".")
-            if not dot:
-                key, ext = base, ""
+        for member, data in iter_tar(f, path, stats, skip):
+            key, ext = _key_and_ext(member)
             if current is not None and key != current.key:
                 yield current
                 current = None

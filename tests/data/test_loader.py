@@ -21,8 +21,8 @@ from moe_asr.data.batching import dynamic_batches
 from moe_asr.data.config import DataConfig
 from moe_asr.data.loader import AsrDataLoader, build_loader
 from moe_asr.data.manifest import Utterance
-from moe_asr.data.pipeline import PlannedUtt
-from moe_asr.data.shards import write_shard, write_shard_list
+from moe_asr.data.pipeline import Pipeline, PlannedUtt, Position, worker_shards
+from moe_asr.data.shards import ShardPart, read_shard, read_shard_list, write_shard, write_shard_list
 from moe_asr.data.stats import SKIP_REASONS, UNEVEN_RANKS, DataStats, skip_line
 from moe_asr.schema import ConfigError, from_dict
 
@@ -239,18 +239,56 @@ def test_too_few_shards_for_the_ranks_name_the_list_and_the_fix(corpus):
     assert len(build_loader(cfg, "cv", corpus.tokenizer(cfg), rank=7, world_size=8).shards) == 8  # one a rank: enough
 
 
-def test_shards_that_do_not_divide_over_the_ranks_warn_what_training_loses(corpus, caplog):
-    """Training stops every rank at the first one out of data: with 8 shards over 3 ranks, two ranks hold a
-    shard the third has no twin for, and about that much of each epoch goes untrained. CV reads everything."""
+def test_shards_that_do_not_divide_over_the_ranks_warn_what_it_costs(corpus, caplog):
+    """8 shards over 3 ranks: the last 2 of each epoch's order are shared sample by sample, so every rank
+    reads their headers; the warning says so and how to avoid it. 8 over 4 divide: no warning."""
     cfg = corpus.config(cv_shards=str(corpus.shard_list), num_workers=1)
     with caplog.at_level("WARNING", logger="moe_asr.data.loader"):
         build_loader(cfg, "train", corpus.tokenizer(cfg), rank=0, world_size=3)
         build_loader(cfg, "cv", corpus.tokenizer(cfg), rank=0, world_size=3)
         build_loader(cfg, "train", corpus.tokenizer(cfg), rank=0, world_size=4)
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == [f"data.train_shards ({corpus.shard_list}): 8 shards over 3 ranks: 2 rank(s) get one shard "
-                     f"more, and a training epoch ends when the first rank runs out, so about 2 shard(s) (25%) of "
-                     f"each epoch are not trained on; write a multiple of 3 shards"]
+    assert lines == [f"data.{split}_shards ({corpus.shard_list}): 8 shards over 3 ranks: every rank reads the "
+                     f"headers of 2 shard(s) to take its share of their samples; write a multiple of 3 shards to "
+                     f"read each shard once" for split in ("train", "cv")]
+
+
+@pytest.mark.parametrize("world_size,num_workers", [(3, 1), (3, 2), (5, 2), (8, 1)])
+def test_shares_of_the_ranks_differ_by_at_most_one_utterance_per_shared_shard(corpus, world_size, num_workers):
+    """Every sample goes to exactly one (rank, worker), and with 8 shards of 5 the ranks' shares differ by
+    at most one utterance per shard of the remainder (whole shards would differ by 5)."""
+    cfg = corpus.config(num_workers=num_workers)
+    pipeline = Pipeline(cfg, corpus.tokenizer(cfg), train=True)
+    shards = read_shard_list(corpus.shard_list)
+    shares = []
+    for rank in range(world_size):
+        keys = [s.key for w in range(num_workers)
+                for s in pipeline.samples(worker_shards(shards, 7, 2, rank, world_size, w, num_workers, True),
+                                          DataStats(), Position())]
+        shares.append(keys)
+    assert sorted(k for share in shares for k in share) == sorted(corpus.keys)
+    sizes = [len(share) for share in shares]
+    assert max(sizes) - min(sizes) <= len(shards) % world_size, sizes
+
+
+def test_a_shared_shard_counts_each_bad_sample_on_one_rank_only(tmp_path):
+    """The samples a rank does not take are seeked over, never yielded: a sample with no transcript in a
+    shard shared by 3 ranks reaches one rank only, so it is counted once over all ranks."""
+    wav = io.BytesIO()
+    sf.write(wav, np.zeros(1600, dtype=np.int16), 16000, format="WAV", subtype="PCM_16")
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(7):
+            for ext, data in (("wav", wav.getvalue()), ("txt", b"one")):
+                if i == 4 and ext == "txt":
+                    continue
+                info = tarfile.TarInfo(f"u{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    shares = [[(s.key, s.text is None) for s in read_shard(ShardPart(str(shard), 3, rank), DataStats())]
+              for rank in range(3)]
+    assert [[key for key, missing in share if missing] for share in shares] == [[], ["u4"], []]  # 4 % 3 == 1
+    assert sorted(key for share in shares for key, _ in share) == [f"u{i}" for i in range(7)]
 
 
 def test_unknown_skip_reason_is_refused():
@@ -322,7 +360,7 @@ def _uneven_rank(rank: int, init_file: str, shard_list: str, units: str, out) ->
 @pytest.mark.slow
 def test_uneven_ranks_stop_together(tmp_path):
     """Shards of 2 and 9 utterances over 2 ranks: both ranks run 2 steps, nobody hangs, and the
-    batch the longer rank had ready is counted as dropped."""
+    7 utterances the longer rank could not train on are all counted as dropped."""
     corpus = build_corpus(tmp_path, 11, 9)  # shard sizes 9 and 2
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
@@ -340,4 +378,4 @@ def test_uneven_ranks_stop_together(tmp_path):
             if p.is_alive():
                 p.kill()
     assert results[0][0] == results[1][0] == [2, 2]
-    assert [a + b for a, b in zip(results[0][1], results[1][1])] == [1, 1]
+    assert [a + b for a, b in zip(results[0][1], results[1][1])] == [7, 7]
