@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from moe_asr.run.config import TrainConfig
+from moe_asr.run.config import TrainConfig, decayed
 from moe_asr.engine.deepspeed_moe import copies, is_expert_param, split_moe_param_groups
 
 
@@ -32,7 +32,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if p.requires_grad:
             # Stacked experts carry a leading expert dimension: w1 [E, d, f] is a matrix, b1 [E, f] a bias.
             matrix_dims = p.ndim - (1 if is_expert_param(p) else 0)
-            (decay if matrix_dims >= 2 else no_decay).append(p)
+            (decay if decayed(matrix_dims) else no_decay).append(p)
     return split_moe_param_groups([
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}])

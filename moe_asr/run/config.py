@@ -29,7 +29,7 @@ from moe_asr.data.tokenizer import read_symbol_table
 from moe_asr.model.config import AUTO, ModelConfig
 from moe_asr.schema import ConfigError, check, dump_yaml, load_yaml
 
-__all__ = ["ExperimentConfig", "ParallelConfig", "TrainConfig", "ConfigError", "load_config", "precision",
+__all__ = ["ExperimentConfig", "ParallelConfig", "TrainConfig", "ConfigError", "decayed", "load_config", "precision",
            "resolve_vocabulary", "save_config", "zero_stage"]
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,13 @@ class TrainConfig:
     def schedule_steps(self) -> int:
         """Steps over which cosine/linear decay reach min_lr."""
         return self.decay_steps or self.max_steps
+
+
+def decayed(matrix_dims: int) -> bool:
+    """Whether AdamW decays a parameter of this many matrix dimensions (a stack of experts' leading
+    dimension not counted): weight matrices yes; biases, norms and CMVN-like 1-d parameters no. The
+    optimizer's groups and the planner's bytes (which pad each group) both follow it."""
+    return matrix_dims >= 2
 
 
 @dataclass
