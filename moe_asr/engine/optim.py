@@ -83,7 +83,9 @@ class Stage0AdamW(torch.optim.AdamW):
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, zero_stage: int) -> torch.optim.Optimizer:
     groups_ = param_groups(model, cfg.weight_decay)
-    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    # fused: one pass over the weights per step, where the default CPU AdamW makes about six; the
+    # step is memory-bound and an MoE has 2-3x its dense twin's parameters to step.
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
     if zero_stage == 0:
         # Named groups (torch's `param_names`): the saved state then says which moments are whose,
         # which the layout-free training state reads. ZeRO keeps its own names (param_slice_mappings).
