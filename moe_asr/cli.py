@@ -17,6 +17,7 @@ from pathlib import Path
 
 COMMANDS: dict[str, str] = {
     "model-info": "moe_asr.tools.model_info",
+    "plan": "moe_asr.tools.plan",
     "make-shards": "moe_asr.tools.make_shards",
     "train-tokenizer": "moe_asr.tools.train_tokenizer",
     "compute-cmvn": "moe_asr.tools.compute_cmvn",

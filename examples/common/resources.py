@@ -28,15 +28,11 @@ import dataclasses
 import json
 import sys
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from moe_asr.model.parameters import count_parameters
-from moe_asr.model.u2pp import build_model
+from moe_asr.plan import FRAMES_PER_SECOND, probe
 from moe_asr.run.config import ExperimentConfig, load_config
 
 GIB = 2 ** 30
-FRAMES_PER_SECOND = 100  # 10 ms frame shift
 
 
 def model_states(config: ExperimentConfig, params: dict, gpus: int, ep_size: int) -> dict[str, float]:
@@ -51,33 +47,9 @@ def model_states(config: ExperimentConfig, params: dict, gpus: int, ep_size: int
 
 
 def measure(config: ExperimentConfig, utt_seconds: float, tokens_per_second: float) -> tuple[int, float]:
-    """Bytes kept for backward and forward FLOPs of one utterance, in bf16 on this CPU."""
-    model_cfg = dataclasses.replace(config.model, cmvn=None,
-                                    moe=dataclasses.replace(config.model.moe, impl="loop"))
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        model = build_model(model_cfg).train()
-    finally:
-        torch.set_default_dtype(default)
-    frames = int(utt_seconds * FRAMES_PER_SECOND)
-    tokens = max(1, int(utt_seconds * tokens_per_second))
-    feats = torch.randn(1, frames, model_cfg.input_dim, dtype=torch.bfloat16)
-    targets = torch.randint(3, model_cfg.vocab_size - 1, (1, tokens))
-    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:  # the weights a matmul keeps are model states, counted apart
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), FlopCounterMode(display=False) as flops:
-        out = model(feats, torch.tensor([frames]), targets, torch.tensor([tokens]))
-        assert out["loss"].requires_grad
-    return sum(kept.values()), flops.get_total_flops()
+    """Bytes kept for backward and forward FLOPs of one utterance, in bf16 on this CPU (``moe-asr plan``'s probe)."""
+    p = probe(config.model, int(utt_seconds * FRAMES_PER_SECOND), max(1, int(utt_seconds * tokens_per_second)))
+    return p.saved_bytes, p.forward_flops
 
 
 def estimate(path: str, vocab_size: int, gpus: int, ep_size: int | None, utt_seconds: float,
