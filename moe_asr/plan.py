@@ -107,6 +107,14 @@ class Group:
         return self.padded // self.ranks
 
     @property
+    def padding(self) -> int:
+        """Padding elements inside this rank's partition (the tail of the buffer falls in the last ones).
+
+        A checkpoint keeps the fp32 master partition without them, Adam's moments with them."""
+        left, total = self.partition * self.position, sum(self.numels)
+        return min(self.partition, max(0, left + self.partition - total))
+
+    @property
     def gradient_elements(self) -> int:
         """Elements of the parameters that overlap this rank's partition (DeepSpeed's get_partition_info)."""
         start, end = self.partition * self.position, self.partition * (self.position + 1)
