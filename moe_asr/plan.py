@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from moe_asr.model.config import ModelConfig
 from moe_asr.model.u2pp import build_model
 from moe_asr.moe.layer import MoEFeedForward
-from moe_asr.run.config import ExperimentConfig, decayed
+from moe_asr.run.config import ExperimentConfig, decayed, precision, zero_stage
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ALIGNMENT = 2                 # DeepSpeed's nccl_start_alignment_factor: a group pads to 2 x its ranks elements
@@ -64,6 +64,14 @@ class Layout:
     @property
     def world(self) -> int:
         return self.gpus_per_node * self.nodes
+
+    @classmethod
+    def from_deepspeed(cls, ds_config: dict, **layout) -> "Layout":
+        """A layout whose ZeRO stage, dtype and buckets are a DeepSpeed config's (its defaults where unset)."""
+        zero = ds_config.get("zero_optimization", {})
+        return cls(zero_stage=zero_stage(ds_config), dtype=precision(ds_config),
+                   reduce_bucket_size=int(zero.get("reduce_bucket_size", 500_000_000)),
+                   overlap_comm=bool(zero.get("overlap_comm", False)), **layout)
 
     def check(self, num_experts: int) -> None:
         if self.gpus_per_node < 1 or self.nodes < 1:

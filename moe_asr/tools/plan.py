@@ -19,7 +19,7 @@ from pathlib import Path
 
 from moe_asr.model.config import AUTO
 from moe_asr.plan import PARTS, Layout, PlanError, plan
-from moe_asr.run.config import ConfigError, precision, resolve_vocabulary, zero_stage
+from moe_asr.run.config import ConfigError, resolve_vocabulary
 from moe_asr.train import load_experiment
 
 GIB = 2 ** 30
@@ -61,9 +61,8 @@ def _layout(args: argparse.Namespace, ep_size: int, frames: int) -> Layout:
         ds = json.loads(Path(args.ds_config).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise PlanError(f"{args.ds_config}: cannot read the DeepSpeed config: {e}") from None
-    zero = ds.get("zero_optimization", {})
-    return Layout(args.gpus_per_node, args.nodes, ep_size, zero_stage(ds), precision(ds), frames,
-                  int(zero.get("reduce_bucket_size", 500_000_000)), bool(zero.get("overlap_comm", False)))
+    return Layout.from_deepspeed(ds, gpus_per_node=args.gpus_per_node, nodes=args.nodes, ep_size=ep_size,
+                                 frames_per_batch=frames)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """``moe-asr plan``'s model-state bytes equal what real DeepSpeed runs hold, rank by rank.
 
-Each layout trains one step on CPU ranks through ``tests/engine/plan_training.py``, which dumps per
+Each layout (fp32 and bf16, DeepSpeed's bf16 ZeRO runs on its CPU accelerator) trains one step on CPU ranks through ``tests/engine/plan_training.py``, which dumps per
 rank the bytes of ZeRO's flat parameter buffers, the gradients kept for its partition, the reduction
 buckets, the fp32 master partitions and Adam's moments, expert and non-expert groups apart. The plan
 must give exactly those numbers (padding included: it is memory the GPU holds). The checkpoint files
@@ -19,7 +19,6 @@ from moe_asr.train import load_experiment
 from tests.engine.conftest import REPO, SMALL_MODEL, build_corpus, data_overrides, run_training, train_cmd
 
 SCRIPT = str(REPO / "tests/engine/plan_training.py")
-BUCKET = 50_000_000  # reduce_bucket_size of ds_configs/zero{1,2}_cpu.json, neither overlapping
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +28,17 @@ def corpus(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,ep_size,stage", [(2, 1, 1), (2, 1, 2), (2, 2, 1), (2, 2, 2), (4, 2, 2)])
-def test_plan_states_equal_what_each_rank_holds(corpus, tmp_path, world, ep_size, stage):
+@pytest.mark.parametrize("world,ep_size,ds_config", [
+    (2, 1, "zero1_cpu"), (2, 1, "zero2_cpu"), (2, 2, "zero1_cpu"), (2, 2, "zero2_cpu"), (4, 2, "zero2_cpu"),
+    (2, 2, "zero1_bf16"), (2, 2, "zero2_bf16")])
+def test_plan_states_equal_what_each_rank_holds(corpus, tmp_path, world, ep_size, ds_config):
     overrides = {**SMALL_MODEL, **data_overrides(corpus), "parallel.ep_size": ep_size,
                  "train.max_steps": 1, "train.warmup_steps": 3}
-    run_training(train_cmd(corpus, tmp_path, f"ds_configs/zero{stage}_cpu.json", overrides,
-                           29740 + 10 * world + 3 * ep_size + stage, nproc=world, script=SCRIPT), timeout=600)
+    ds_path = REPO / "ds_configs" / f"{ds_config}.json"
+    port = 29740 + 10 * world + 3 * ep_size + int(ds_config[4]) + (5 if "bf16" in ds_config else 0)
+    run_training(train_cmd(corpus, tmp_path, str(ds_path), overrides, port, nproc=world, script=SCRIPT), timeout=600)
     config = load_experiment(str(REPO / "conf/tiny_moe.yaml"), [f"{k}={v}" for k, v in overrides.items()])
-    layout = Layout(gpus_per_node=world, ep_size=ep_size, zero_stage=stage, dtype="fp32",
-                    reduce_bucket_size=BUCKET, overlap_comm=False)
+    layout = Layout.from_deepspeed(json.loads(ds_path.read_text()), gpus_per_node=world, ep_size=ep_size)
     params = parameters(config.model)
     for rank in range(world):
         measured = json.loads((tmp_path / f"plan_rank_{rank}.json").read_text())
@@ -46,7 +47,8 @@ def test_plan_states_equal_what_each_rank_holds(corpus, tmp_path, world, ep_size
         assert measured["buckets"] == bucket_bytes(layout)
         groups = optimizer_groups(params, layout, rank)
         assert measured["group_ranks"] == [g.ranks for g in groups] and measured["moe"] == [g.expert for g in groups]
-        saved = load_file(tmp_path / "checkpoints" / "step_1" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        prefix = "bf16_" if layout.dtype == "bf16" else ""  # DeepSpeed's name for a bf16 run's optimizer files
+        saved = load_file(tmp_path / "checkpoints" / "step_1" / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
         state = saved["optimizer_state_dict"]
         masters = [t.numel() for t in state["single_partition_of_fp32_groups"]]
         assert masters == [g.partition - g.padding for g in groups], rank
