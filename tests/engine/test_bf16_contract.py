@@ -1,7 +1,7 @@
 """The dtype contract of an expert-parallel MoE layer in bf16, as DeepSpeed's bf16 mode runs it.
 
-DeepSpeed's bf16 mode casts the whole module to bf16 (no autocast), so every
-piece of the layer sees bf16 activations and bf16 weights. The contract:
+DeepSpeed's bf16 mode casts every parameter to bf16 (buffers keep their dtype; no
+autocast), so every piece of the layer sees bf16 activations and bf16 weights. The contract:
 the router computes its logits, top-k and the softmax over the k in float32
 (a few ulps of bf16 would otherwise pick the experts); dispatch, the grouped
 experts, both all-to-alls (forward and backward) and the combine stay in
@@ -28,10 +28,10 @@ from moe_asr.symbols import IGNORE_ID
 
 D, F, E, K = 16, 32, 4, 2
 BF16, FP32 = torch.bfloat16, torch.float32
-# bf16 keeps 8 significant bits (relative rounding 2^-9); through the gate, two matmuls and the combine the
-# measured largest error against fp32 is about 1.5e-2 of the output's scale. A layer that upcast nothing
-# but garbled a cast (rows reinterpreted, weights dropped) is off by the output's whole scale.
-TOL = 4e-2
+# bf16 keeps 8 significant bits (relative rounding 2^-9); through two matmuls and the combine the largest
+# error against fp32 measured 4.3e-3 to 5.3e-3 of the output's largest value. A garbled cast (rows
+# reinterpreted, weights dropped) is off by the output's whole scale.
+TOL = 2e-2
 
 
 def _record(seen: dict[str, list], phase: list[str], name: str, fn):
@@ -57,8 +57,9 @@ def _worker(rank: int, port: int, counts: tuple[int, int], starve_rank: int | No
         part = MoEFeedForward(D, F, MoEConfig(E, K))
         part.load_state_dict(whole.state_dict())
         part.shard(dist.group.WORLD, rank, 2)
-        part.to(BF16)                       # what DeepSpeed's bf16 mode does to the module
-        assert part.router.choice_bias.dtype == BF16  # .to casts buffers too; the router must not care
+        for p in part.parameters():         # what DeepSpeed 0.19.8's bf16 mode does: parameters, not buffers
+            p.data = p.data.to(BF16)
+        assert part.router.choice_bias.dtype == FP32
 
         seen: dict[str, list] = defaultdict(list)
         phase = ["forward"]
