@@ -138,7 +138,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from moe_asr.data.loader import build_loader
     from moe_asr.data.tokenizer import Tokenizer
-    from moe_asr.engine.deepspeed_engine import build_engine, deepspeed_config
+    from moe_asr.engine.deepspeed_engine import build_engine, check_precision_supported, deepspeed_config
     from moe_asr.engine.distributed import barrier, init_distributed, shutdown_distributed
     from moe_asr.engine.logging import setup_console
     from moe_asr.engine.loop import Trainer
@@ -153,6 +153,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise ConfigError(f"{args.config}: model.vocab_size is {cfg.model.vocab_size}, but the symbol table "
                           f"{cfg.data.tokenizer.symbol_table} has {tokenizer.vocab_size} entries")
     ds_config = deepspeed_config(args.deepspeed_config, cfg.train)
+    check_precision_supported(args.deepspeed_config, ds_config)
     info = init_distributed()
     setup_console(info.rank)
     try:

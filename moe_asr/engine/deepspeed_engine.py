@@ -16,7 +16,7 @@ import torch
 
 from moe_asr.run.config import ConfigError, ExperimentConfig, TrainConfig, precision, zero_stage
 from moe_asr.engine.deepspeed_moe import prepare_moe_layers
-from moe_asr.engine.distributed import DistInfo
+from moe_asr.engine.distributed import DistInfo, select_accelerator
 from moe_asr.engine.optim import build_optimizer, build_scheduler
 from moe_asr.model.u2pp import U2PPModel, build_model
 from moe_asr.moe.layer import MoEFeedForward
@@ -57,6 +57,23 @@ def deepspeed_config(path: str | Path, train: TrainConfig) -> dict:
     cfg.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=train.accum_grad,
                gradient_clipping=train.grad_clip if stage > 0 else 0.0)  # stage 0: Stage0AdamW clips
     return cfg
+
+
+def check_precision_supported(path: str | Path, ds_config: dict) -> None:
+    """Refuse, in one line, a precision this machine's DeepSpeed accelerator lacks (the config is fine
+    elsewhere): DeepSpeed itself stops later, inside ``initialize`` on every rank, with a traceback ("Type
+    fp16 is not supported on your device"). Its CPU accelerator has bf16 always, and fp16 only where torch
+    reports oneDNN fp16 kernels (``torch.ops.mkldnn._is_mkldnn_fp16_supported()``)."""
+    from deepspeed.accelerator import get_accelerator
+
+    select_accelerator()  # the one init_distributed will use
+    accelerator = get_accelerator()
+    dtype = precision(ds_config)
+    supported = {"fp32": True, "bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported()}
+    if not supported[dtype]:
+        others = " or ".join(d for d in ("bf16", "fp16", "fp32") if supported[d] and d != dtype)
+        raise ConfigError(f"{path}: {dtype} training is not supported by DeepSpeed's {accelerator.device_name()} "
+                          f"accelerator on this machine; use {others}")
 
 
 @dataclass

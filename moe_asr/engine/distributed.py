@@ -110,6 +110,12 @@ def end_with_launcher() -> None:
     threading.Thread(target=_watch, args=(watched, rank), name="launcher-watchdog", daemon=True).start()
 
 
+def select_accelerator() -> str:
+    """DeepSpeed's accelerator for this process, ``cuda`` when torch sees a GPU, else ``cpu`` (unless
+    DS_ACCELERATOR names one). Set before anything asks DeepSpeed for it: DeepSpeed keeps its first answer."""
+    return os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def init_distributed() -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU).
 
@@ -126,7 +132,7 @@ def init_distributed() -> DistInfo:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     cuda = torch.cuda.is_available()
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
+    select_accelerator()
     import deepspeed
 
     if not cuda:
