@@ -165,3 +165,46 @@ def test_no_rows_still_gives_every_weight_a_zero_gradient():
     out.sum().backward()
     for p in w:
         assert p.grad is not None and not p.grad.any()
+
+
+@pytest.mark.parametrize("counts", [[240, 0, 30, 1, 300], [0, 0, 600, 0, 0], [120, 120, 120, 120, 120]])
+@pytest.mark.parametrize("activation", ["swish", "relu", "gelu"])
+def test_decoding_path_equals_the_loop_bit_for_bit(counts, activation, monkeypatch):
+    """Without gradients moe_ffn runs each expert unpadded on its sorted rows (moe_ffn_sorted) where the
+    padded sort-free path does not apply (here: more than SMALL_ASSIGNMENTS): the loop's matmuls on the same
+    rows, each token's k outputs added in the loop's (expert) order, so the result is the loop's exactly.
+    k = 1 with the given counts (empty experts, one expert taking every row), and k = 2."""
+    import moe_asr_kernels as kernels
+    torch.manual_seed(len(counts))
+    e, d, f = len(counts), 8, 12
+    w = [p.detach() for p in _weights(e, d, f)]
+    flat = torch.cat([torch.full((c,), i) for i, c in enumerate(counts)])
+    pairs = torch.stack([torch.randperm(e)[:2] for _ in range(300)])
+    calls = []
+    real = cpu.moe_ffn_sorted
+    monkeypatch.setattr(cpu, "moe_ffn_sorted", lambda *a: calls.append(1) or real(*a))
+    for experts in (flat[torch.randperm(flat.numel())].unsqueeze(1), pairs):
+        n, k = experts.shape
+        weights = torch.softmax(torch.randn(n, k), -1)
+        x = torch.randn(n, d)
+        with torch.inference_mode():
+            y = kernels.moe_ffn(x, experts, weights, *w, activation)
+        assert torch.equal(y, moe_loop(x, experts, weights, *w, activation))
+    assert calls == [1, 1]
+
+
+def test_decoding_path_is_not_taken_where_gradients_are_needed(monkeypatch):
+    """Training (a weight requiring grad, or dropout in training) keeps the differentiable paths."""
+    import moe_asr_kernels as kernels
+    monkeypatch.setattr(cpu, "moe_ffn_sorted", lambda *a: pytest.fail("decoding path taken with gradients"))
+    torch.manual_seed(0)
+    n, k, e, d, f = 300, 2, 4, 6, 10
+    w = _weights(e, d, f)
+    experts = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
+    weights = torch.softmax(torch.randn(n, k), -1)
+    x = torch.randn(n, d)
+    y = kernels.moe_ffn(x, experts, weights, *w)
+    y.sum().backward()
+    assert w[0].grad is not None
+    with torch.no_grad():
+        kernels.moe_ffn(x, experts, weights, *[p.detach() for p in w], dropout=0.1, training=True)
