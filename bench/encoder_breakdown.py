@@ -9,11 +9,8 @@ the rest (norms, residuals, masks, caches) is "other". Models take turns in
 every round; the median round counts.
 
 Why: the MoE/dense RTF ratio of two models that differ only in their FFNs has
-a floor set by the dense model itself. If a dense encoder spends a share ``s``
-of its time in FFNs and the MoE's FFNs do ``r`` times the FLOPs per token
-(top_k x expert units / dense units), then even an MoE whose FFN FLOPs cost
-exactly what the dense ones cost runs at ``1 + s (r - 1)`` times the dense
-RTF. That bound is printed under each pair, with the FLOPs each model's call
+a floor set by the dense model itself, ``1 + s (r - 1)`` (``moe_asr.model.ffn_share``).
+That bound is printed under each pair, with the FLOPs each model's call
 did (``torch.utils.flop_counter``; padded expert rows count, as they are computed).
 """
 from __future__ import annotations
@@ -26,54 +23,21 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from moe_asr.run.config import load_config
+from moe_asr.model.ffn_share import KINDS, ModuleTimers, ffn_flops_per_token, flop_bound
 from moe_asr.model.u2pp import U2PPModel, build_model
+from moe_asr.run.config import load_config
 
-KINDS = ("subsampling", "attention", "conv", "ffn")
-
-
-class Timers:
-    """Seconds per module kind, accumulated by wrapped forwards."""
-
-    def __init__(self, model: U2PPModel) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        enc = model.encoder
-        self._wrap(enc.embed, "subsampling")
-        for layer in enc.encoders:
-            self._wrap(layer.self_attn, "attention")
-            for name, kind in (("conv_module", "conv"), ("feed_forward", "ffn"), ("feed_forward_macaron", "ffn")):
-                module = getattr(layer, name)
-                if module is not None:
-                    self._wrap(module, kind)
-
-    def _wrap(self, module: nn.Module, kind: str) -> None:
-        forward = module.forward
-
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            out = forward(*args, **kwargs)
-            self.seconds[kind] += time.perf_counter() - start
-            return out
-
-        module.forward = timed
+__all__ = ["KINDS", "build", "counted_flops", "ffn_flops_per_token", "run_once"]
 
 
-def build(path: str) -> tuple[U2PPModel, Timers]:
+def build(path: str) -> tuple[U2PPModel, ModuleTimers]:
     cfg = load_config(path).model
     if cfg.vocab_size == "auto":
         cfg = replace(cfg, vocab_size=5000)
     torch.manual_seed(0)
     model = build_model(cfg, load_cmvn=False).eval()
-    return model, Timers(model)
-
-
-def ffn_flops_per_token(model: U2PPModel) -> int:
-    """Multiply-adds per token of one encoder FFN: top_k experts (or the one dense FFN) of d x ffn, twice."""
-    ffn = model.encoder.encoders[0].feed_forward
-    e, d, f = ffn.experts.w1.shape
-    return 2 * d * f * (ffn.router.top_k if ffn.router is not None else 1)
+    return model, ModuleTimers(model)
 
 
 def run_once(model: U2PPModel, context: str, feats: torch.Tensor, lengths: torch.Tensor) -> None:
@@ -141,7 +105,7 @@ def main() -> None:
                 with torch.inference_mode():
                     flops = counted_flops(model, context, feats, lengths)
                 print(f"  {name}/{ref_name} at the dense FFN's cost per FLOP: >= 1 + {s:.2f} x ({ratio:g} - 1) "
-                      f"= {1 + s * (ratio - 1):.2f}x; FLOPs {flops / 1e9:.1f} G vs {ref_flops / 1e9:.1f} G "
+                      f"= {flop_bound(s, ratio):.2f}x; FLOPs {flops / 1e9:.1f} G vs {ref_flops / 1e9:.1f} G "
                       f"({flops / ref_flops:.2f}x)")
 
 
