@@ -6,11 +6,12 @@
 For each config:
 
 * parameters, total and active per token (counted from the built modules, as `moe-asr model-info`);
-* model states per GPU, derived for DeepSpeed ZeRO-2 with bf16 weights (ds_configs/zero2_bf16.json):
-  bf16 weights of the dense part and of this GPU's experts (``num_experts / ep_size`` of each
-  layer), bf16 gradients and fp32 master weights with Adam's two moments partitioned over the
-  ranks that hold the same parameters (all GPUs for the dense part, ``gpus / ep_size`` for the
-  experts); DeepSpeed's communication buckets come on top (2e8 elements each in that JSON);
+* model states per GPU, derived for DeepSpeed ZeRO-2 with bf16 weights (ds_configs/zero2_bf16.json) by
+  ``moe-asr plan`` (docs/plan.md): bf16 weights of the dense part and of this GPU's experts
+  (``num_experts / ep_size`` of each layer), the bf16 gradients of the parameters in its partition,
+  and fp32 master weights with Adam's two moments partitioned over the ranks that hold the same
+  parameters (all GPUs for the dense part, ``gpus / ep_size`` for the experts), DeepSpeed's padding
+  included; its communication buckets come on top (2e8 elements each in that JSON);
 * activations per GPU, measured: one training forward on this CPU in bf16 of one utterance of
   ``--utt-seconds`` (random features, ``--tokens-per-second`` targets), counting the bytes of every
   tensor autograd keeps for the backward pass, times the utterances of that length that fit in
@@ -29,21 +30,22 @@ import json
 import sys
 
 from moe_asr.model.parameters import count_parameters
-from moe_asr.plan import FRAMES_PER_SECOND, probe
+from moe_asr.plan import FRAMES_PER_SECOND, Layout, parameters, probe
+from moe_asr.plan import model_states as states_of_rank
 from moe_asr.run.config import ExperimentConfig, load_config
 
 GIB = 2 ** 30
 
 
-def model_states(config: ExperimentConfig, params: dict, gpus: int, ep_size: int) -> dict[str, float]:
-    """Bytes per GPU of weights, gradients and optimizer states under ZeRO-2 with bf16 weights."""
-    experts = sum(n for name, n in params["breakdown"].items() if name.endswith(".experts"))
-    dense = params["total_params"] - experts
-    local_experts = experts / ep_size             # this GPU's share of every layer's experts
-    replicas = gpus // ep_size                    # GPUs holding the same experts: ZeRO partitions over them
-    shard = dense / gpus + local_experts / replicas
-    return {"weights_bf16": 2 * (dense + local_experts), "gradients_bf16": 2 * shard,
-            "master_and_adam_fp32": 12 * shard}
+def model_states(config: ExperimentConfig, gpus: int, ep_size: int) -> dict[str, int]:
+    """Bytes of weights, gradients and optimizer states on the most loaded GPU under ZeRO-2 with bf16 weights
+    (``moe-asr plan``'s, exact to DeepSpeed's layout)."""
+    layout = Layout(gpus_per_node=gpus, ep_size=ep_size, zero_stage=2, dtype="bf16")
+    params = parameters(config.model)
+    ranks = [states_of_rank(params, layout, rank) for rank in range(gpus)]
+    s = max(ranks, key=lambda r: sum(sum(part.values()) for part in r.values()))
+    return {"weights_bf16": sum(s["parameters"].values()), "gradients_bf16": sum(s["gradients"].values()),
+            "master_and_adam_fp32": sum(s["master_weights"].values()) + sum(s["optimizer_states"].values())}
 
 
 def measure(config: ExperimentConfig, utt_seconds: float, tokens_per_second: float) -> tuple[int, float]:
@@ -58,7 +60,7 @@ def estimate(path: str, vocab_size: int, gpus: int, ep_size: int | None, utt_sec
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab_size))
     ep = ep_size or config.parallel.ep_size
     params = count_parameters(config.model)
-    states = model_states(config, params, gpus, ep)
+    states = model_states(config, gpus, ep)
     saved, forward_flops = measure(config, utt_seconds, tokens_per_second)
     per_batch = max(1, config.data.batching.max_frames_in_batch // int(utt_seconds * FRAMES_PER_SECOND))
     train_flops = 3 * forward_flops / utt_seconds * hours * 3600 * config.train.max_epochs
