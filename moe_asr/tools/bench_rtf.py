@@ -2,7 +2,7 @@
 
 Usage: moe-asr bench-rtf conf/paper_dense_225m.yaml conf/paper_moe_1b.yaml [--seconds 10]
            [--modes encoder,ctc_greedy_search,attention_rescoring] [--contexts full,16,8,16/4]
-           [--streams 1,4,16,64] [--threads 2] [--rounds 5] [--device cpu] [--onnx] [--json out.json]
+           [--streams 1,4,16,64] [--threads 2] [--rounds 5] [--device cpu] [--onnx] [--vs-loop] [--json out.json]
 
 A model is a config YAML (random weights: speed does not depend on them) or a
 trained model (anything `moe-asr recognize --model` takes). Every row is timed
@@ -22,6 +22,16 @@ were routed to, counted by the routers as the row ran). A streaming chunk of 16
 frames at batch 1 already touches nearly every expert of every layer, so the
 MoE model reads about E/top_k times the FFN weights of the dense one per chunk;
 concurrent streams share those reads.
+
+For a dense model followed by an MoE model of the same encoder width and depth,
+each encoder row also prints the FLOP bound of their ratio, ``1 + s (r - 1)``
+(``moe_asr.model.ffn_share``): ``s`` the share of the dense encoder's time spent in
+its FFNs in that row (median of the rounds), ``r`` the MoE's FFN FLOPs per token over
+the dense model's.
+
+--vs-loop: each MoE model is also timed with ``moe.impl: loop`` (WeNet's per-expert
+loop; the same model object and weights, switched for its turn), right after its own
+turn in every round, and its cell shows loop/ours (the median of the rounds' ratios).
 
 --onnx: each model is also exported (`moe-asr export`'s graphs, in a temporary
 folder) and its encoder rows timed under ONNX Runtime as well (CPU, --threads
@@ -50,6 +60,7 @@ from moe_asr.checkpoint import load_model
 from moe_asr.decode import DecodeOptions, decode
 from moe_asr.decode.streaming import StreamingRecognizer
 from moe_asr.run.config import ConfigError, load_config
+from moe_asr.model.ffn_share import ModuleTimers, comparable, ffn_flops_per_token, flop_bound
 from moe_asr.model.u2pp import U2PPModel, build_model
 from moe_asr.moe.router import Router
 from moe_asr.export.onnx_runtime import RUNTIME, OnnxEncoder, OnnxMismatch, check_equal
@@ -126,14 +137,36 @@ def memory_bandwidth(seconds: float = 0.5) -> float:
 
 @dataclass
 class Bench:
-    """One model under test, with its weight-read counter (and, with --onnx, its exported graphs)."""
+    """One model under test, with its weight-read counter (and, with --onnx, its exported graphs).
+
+    ``impl``: the ``moe.impl`` its MoE layers run with on its turns (None: as built); a loop twin
+    (``loop_of``, --vs-loop) is the same model object, weights and counter run with ``impl: loop``.
+    """
     name: str
     model: U2PPModel
-    reads: WeightReads = field(init=False)
+    reads: Optional[WeightReads] = None
     onnx: Optional[OnnxEncoder] = None
+    impl: Optional[str] = None
+    loop_of: Optional[str] = None
+    timers: Optional[ModuleTimers] = None
 
     def __post_init__(self) -> None:
-        self.reads = WeightReads(self.model)
+        if self.reads is None:
+            self.reads = WeightReads(self.model)
+        if self.impl is None and self.reads.has_experts:
+            self.impl = self.model.moe_layers()[0].impl
+
+    def loop_twin(self) -> Optional["Bench"]:
+        """The same model with WeNet's per-expert loop in every MoE layer; None without experts or if it is the loop."""
+        if not self.reads.has_experts or self.impl == "loop":
+            return None
+        return Bench(f"{self.name}[loop]", self.model, self.reads, impl="loop", loop_of=self.name)
+
+    def take_turn(self) -> None:
+        """Set the MoE layers to this bench's impl (its loop twin shares the model)."""
+        if self.impl is not None:
+            for layer in self.model.moe_layers():
+                layer.impl = self.impl
 
 
 def load_bench(spec: str, vocab_size: int, device: str) -> Bench:
@@ -160,6 +193,7 @@ def encoder_out(model: U2PPModel, ctx: Context, feats: torch.Tensor,
 def run_row(bench: Bench, mode: str, ctx: Context, feats: torch.Tensor, lengths: torch.Tensor) -> float:
     """Seconds to decode every utterance of ``feats`` in ``mode``; weight reads counted meanwhile."""
     model, reads = bench.model, bench.reads
+    bench.take_turn()
     start = time.perf_counter()
     if mode == "encoder":
         if ctx.chunk < 0:
@@ -199,6 +233,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time each model's exported encoder graphs under ONNX Runtime (CPU, --threads) "
                              "in the encoder rows: full and C/L contexts; a C context without a left limit is "
                              "skipped (the streaming graph's cache is bounded); needs --device cpu")
+    parser.add_argument("--vs-loop", action="store_true",
+                        help="also time each MoE model with moe.impl: loop (WeNet's per-expert loop; same weights) "
+                             "in the same rounds, and print loop/ours beside it")
     parser.add_argument("--json", help="also write every cell here")
 
 
@@ -255,11 +292,17 @@ def measure_row(benches: list[Bench], mode: str, ctx: Context, n: int, args: arg
     eager: dict[str, list[float]] = {b.name: [] for b in benches}
     graph: dict[str, list[float]] = {name: [] for name in onnx}
     reads: dict[str, int] = {}
+    ffn_shares: list[float] = []
     for _ in range(args.rounds + 1):
         for b in benches:
             b.reads.bytes = 0
+            timers = b.timers if mode == "encoder" else None
+            if timers is not None:
+                timers.seconds.clear()
             eager[b.name].append(run_row(b, mode, ctx, feats, lengths))
             reads[b.name] = b.reads.bytes
+            if timers is not None:
+                ffn_shares.append(timers.seconds["ffn"] / eager[b.name][-1])
             if b.name in onnx:
                 graph[b.name].append(_timed(onnx[b.name]))
     audio = n * args.seconds
@@ -268,12 +311,25 @@ def measure_row(benches: list[Bench], mode: str, ctx: Context, n: int, args: arg
         cells[b.name] = {**_rtf(eager[b.name], audio), "weight_bytes_read": reads[b.name],
                          "floor_rtf": reads[b.name] / bandwidth / audio if bandwidth else None,
                          "has_experts": b.reads.has_experts}
+        if b.loop_of:
+            cells[b.name]["loop_over_ours"] = statistics.median(
+                t / o for t, o in zip(eager[b.name][1:], eager[b.loop_of][1:]))
         if b.name in onnx:
             cell = _rtf(graph[b.name], audio)
             cells[b.name]["onnx"] = {**cell, "eager_over_onnx": cells[b.name]["rtf"] / cell["rtf"]}
         elif b.onnx is not None and mode == "encoder":
             cells[b.name]["onnx"] = {"skipped": b.onnx.skip_reason(ctx.chunk, ctx.left)}
-    return {"mode": mode, "context": ctx.name, "streams": n, "models": cells}
+    row = {"mode": mode, "context": ctx.name, "streams": n, "models": cells}
+    if ffn_shares:
+        share = statistics.median(ffn_shares[1:])
+        row["flop_bound"] = {"dense_ffn_share": share, "flops_ratio": flops_ratio(benches),
+                             "bound": flop_bound(share, flops_ratio(benches))}
+    return row
+
+
+def flops_ratio(benches: list[Bench]) -> float:
+    """FFN FLOPs per token of the second model over the first's."""
+    return ffn_flops_per_token(benches[1].model) / ffn_flops_per_token(benches[0].model)
 
 
 def _spread(cell: dict) -> str:
@@ -281,14 +337,20 @@ def _spread(cell: dict) -> str:
 
 
 def _print_row(row: dict, names: list[str]) -> None:
-    """The eager line and, for a row with ONNX cells, the ONNX line under it (eager/onnx beside each)."""
+    """The eager line (loop twins with loop/ours, the pair's ratio and the FLOP bound beside it) and, for a
+    row with ONNX cells, the ONNX line under it (eager/onnx beside each)."""
     cells = [row["models"][n] for n in names]
     line = f"{row['mode']:<22}{row['context']:<16}{row['streams']:>4}"
     for c in cells:
         floor = f" (floor {c['floor_rtf']:.4f})" if c["has_experts"] and c["floor_rtf"] else ""
         line += f"  {c['rtf']:>8.4f} [{_spread(c)}]{floor}"
-    if len(cells) == 2:
-        line += f"  {cells[1]['rtf'] / cells[0]['rtf']:.2f}x"
+        if "loop_over_ours" in c:
+            line += f" loop/ours {c['loop_over_ours']:.2f}x"
+    pair = [row["models"][n] for n in names if "loop_over_ours" not in row["models"][n]]
+    if len(pair) == 2:
+        line += f"  {pair[1]['rtf'] / pair[0]['rtf']:.2f}x"
+        if "flop_bound" in row:
+            line += f" (bound {row['flop_bound']['bound']:.2f}x)"
     print(line, flush=True)
     onnx = [c.get("onnx") for c in cells]
     if any(o and "rtf" in o for o in onnx):
@@ -306,7 +368,7 @@ def _print_skips(benches: list[Bench], contexts: list[Context]) -> None:
     for ctx in contexts:
         skipped: dict[str, list[str]] = {}
         for b in benches:
-            if reason := b.onnx.skip_reason(ctx.chunk, ctx.left):
+            if b.onnx is not None and (reason := b.onnx.skip_reason(ctx.chunk, ctx.left)):
                 skipped.setdefault(reason, []).append(b.name)
         for reason, models in skipped.items():
             print(f"onnx skipped at {ctx.name} for {', '.join(models)}: {reason}")
@@ -316,6 +378,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         modes, contexts, streams = _options(args)
         benches = [load_bench(m, args.vocab_size, args.device) for m in args.models]
+        pair = [b.name for b in benches]
+        if args.vs_loop:
+            benches = [t for b in benches for t in (b, b.loop_twin()) if t is not None]
     except (OSError, ValueError, ConfigError) as e:
         print(f"moe-asr bench-rtf: error: {e}", file=sys.stderr)
         return 1
@@ -323,15 +388,18 @@ def run(args: argparse.Namespace) -> int:
     if args.onnx:
         streaming = list(dict.fromkeys((c.chunk, c.left) for c in contexts if c.chunk > 0 and c.left >= 0))
         for b in benches:
-            b.onnx = OnnxEncoder(b.model, streaming, args.threads)
+            if b.loop_of is None:
+                b.onnx = OnnxEncoder(b.model, streaming, args.threads)
     bandwidth = memory_bandwidth() if args.device == "cpu" else None
     names = [b.name for b in benches]
+    if len(pair) == 2 and "encoder" in modes and comparable(benches[0].model, benches[1].model):
+        benches[0].timers = ModuleTimers(benches[0].model)  # the dense FFN share s of the bound, encoder rows
     print(f"bench-rtf: {', '.join(names)}; {args.seconds:g} s utterances, {args.threads} thread(s), "
           f"{args.device}, {args.rounds} rounds"
           + (f", memory bandwidth {bandwidth / 1e9:.1f} GB/s" if bandwidth else "")
           + (f"; encoder rows also under {RUNTIME}" if args.onnx else ""))
     print(f"{'mode':<22}{'context':<16}{'N':>4}" + "".join(f"  {n[:26]:>26}" for n in names)
-          + ("  ratio" if len(names) == 2 else ""))
+          + ("  ratio" if len(pair) == 2 else ""))
     if args.onnx:
         _print_skips(benches, contexts)
     rows = []
@@ -345,8 +413,14 @@ def run(args: argparse.Namespace) -> int:
     except OnnxMismatch as e:
         print(f"moe-asr bench-rtf: error: {e}", file=sys.stderr)
         return 1
-    if len(names) == 2:
-        print(f"ratio: {names[1]} / {names[0]} RTF, medians measured side by side")
+    if len(pair) == 2:
+        print(f"ratio: {pair[1]} / {pair[0]} RTF, medians measured side by side"
+              + ("; bound: 1 + s (r - 1), s the share of its encoder time "
+                 f"{pair[0]} spends in FFNs in that row, r = {flops_ratio(benches):g} "
+                 f"its FFN FLOPs per token over {pair[0]}'s (the least ratio at equal cost per FFN FLOP)"
+                 if benches[0].timers is not None else ""))
+    if args.vs_loop:
+        print("loop/ours: the same model's RTF with moe.impl: loop over its RTF as built, median of the rounds' ratios")
     if args.json:
         Path(args.json).write_text(json.dumps({"models": names, "seconds": args.seconds, "threads": args.threads,
                                                "device": args.device, "rounds": args.rounds,
@@ -354,5 +428,6 @@ def run(args: argparse.Namespace) -> int:
                                                "onnx_runtime": RUNTIME if args.onnx else None, "rows": rows},
                                               indent=1) + "\n")
     for b in benches:
-        b.reads.close()
+        if b.loop_of is None:
+            b.reads.close()
     return 0

@@ -90,3 +90,31 @@ def test_bad_options_are_one_line(capsys):
     assert capsys.readouterr().err.strip() == "moe-asr bench-rtf: error: --contexts: 'x' is not full, C or C/L"
     assert main(["bench-rtf", str(CONF / "tiny_moe.yaml"), "--onnx", "--modes", "ctc_greedy_search"]) == 1
     assert capsys.readouterr().err.strip().startswith("moe-asr bench-rtf: error: --onnx times ONNX Runtime on CPU")
+
+
+def test_vs_loop_times_the_same_model_with_the_loop_and_a_dense_moe_pair_gets_its_flop_bound(
+        tmp_path, capsys, monkeypatch):
+    """--vs-loop adds the MoE model run with moe.impl: loop in the same rounds (its layers switched for its
+    turn and back), loop/ours beside it; a dense/MoE pair's encoder rows carry 1 + s (r - 1)."""
+    impls = []
+    real = bench_rtf.encoder_out
+
+    def spy(model, *a):
+        impls.append({layer.impl for layer in model.moe_layers() if layer.router is not None})
+        return real(model, *a)
+
+    monkeypatch.setattr(bench_rtf, "encoder_out", spy)
+    out = tmp_path / "rtf.json"
+    assert main(["bench-rtf", str(CONF / "tiny_dense.yaml"), str(CONF / "tiny_moe.yaml"), "--seconds", "0.5",
+                 "--rounds", "2", "--streams", "1", "--contexts", "full,4/1", "--threads", "1", "--modes",
+                 "encoder", "--vs-loop", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "loop/ours" in printed and "bound" in printed
+    # per round: dense (no MoE layers), the MoE as built (grouped), then its loop twin
+    assert impls[:3] == [set(), {"grouped"}, {"loop"}] and impls[3:6] == impls[:3]
+    for r in json.loads(out.read_text())["rows"]:
+        twin, moe = r["models"]["tiny_moe[loop]"], r["models"]["tiny_moe"]
+        assert twin["loop_over_ours"] > 0 and twin["has_experts"]
+        b = r["flop_bound"]
+        assert b["flops_ratio"] == 1  # the tiny pair: equal active FFN FLOPs
+        assert 0 < b["dense_ffn_share"] < 1 and b["bound"] == pytest.approx(1 + b["dense_ffn_share"] * 0)
