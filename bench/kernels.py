@@ -6,7 +6,9 @@
 
 Each row times one whole ``MoEFeedForward`` forward (router, dispatch, experts,
 combine; ``--backward`` adds forward+backward) for ``grouped`` (our kernels),
-``loop`` (WeNet's per-expert loop), ``deepspeed`` (``deepspeed.moe.layer.MoE``
+``grouped_mm`` (the same routing and dispatch with the expert matmuls by
+``torch.nn.functional.grouped_mm``, torch's own grouped GEMM; forward only: it
+has no CPU backward in torch 2.11), ``loop`` (WeNet's per-expert loop), ``deepspeed`` (``deepspeed.moe.layer.MoE``
 dropless, same weights) and ``dense`` (one FFN with ffn = k * expert ffn, i.e.
 the same FLOPs per token). On CPU candidates run interleaved, in several rounds,
 and the best round counts (robust to other load on a shared machine); on CUDA
@@ -26,7 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-IMPLS = ("grouped", "loop", "deepspeed", "dense")
+IMPLS = ("grouped", "grouped_mm", "loop", "deepspeed", "dense")
 
 # (experts, tokens, routing, backward): the rows of the goal table.
 GOALS = [(8, 16, "balanced", False), (8, 64, "balanced", False), (8, 512, "balanced", False),
@@ -73,12 +75,39 @@ def cases(preset: str, d_list: list[int]) -> list[Case]:
     return out
 
 
+class GroupedMM(torch.nn.Module):
+    """An MoE layer's router, dispatch and combine with its expert matmuls by ``torch.nn.functional.grouped_mm``
+    (which takes no bias: the biases are added per row)."""
+
+    def __init__(self, layer) -> None:
+        super().__init__()
+        self.layer = layer
+        self.router = layer.router
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+        from moe_asr.moe.dispatch import make_plan, permute, unpermute
+        from moe_asr_kernels.activations import ACTIVATIONS
+        ex = self.layer.experts
+        routing, _ = self.router(x)
+        plan = make_plan(routing.experts, ex.num_local)
+        rows = permute(x, plan)
+        offs = plan.counts.cumsum(0).to(torch.int32)
+        expert = torch.repeat_interleave(torch.arange(ex.num_local, device=x.device), plan.counts,
+                                         output_size=rows.shape[0])
+        h = ACTIVATIONS[ex.activation_name](F.grouped_mm(rows, ex.w1, offs=offs) + ex.b1.index_select(0, expert))
+        y = F.grouped_mm(h, ex.w2, offs=offs) + ex.b2.index_select(0, expert)
+        return unpermute(y, plan, routing.weights)
+
+
 def build(case: Case, impl: str, device: str, dtype: torch.dtype, seed: int = 0):
     from moe_asr.moe.config import MoEConfig
     from moe_asr.moe.layer import MoEFeedForward
     torch.manual_seed(seed)
     if impl == "dense":
         layer = MoEFeedForward(case.d, case.k * case.ffn, MoEConfig(num_experts=1, top_k=1))
+    elif impl == "grouped_mm":
+        layer = GroupedMM(MoEFeedForward(case.d, case.ffn, MoEConfig(case.experts, case.k)))
     else:
         layer = MoEFeedForward(case.d, case.ffn, MoEConfig(case.experts, case.k, impl=impl))
     layer = layer.to(device=device, dtype=dtype)
@@ -172,6 +201,20 @@ def timeit(fns: dict, device: str, rounds: int, round_s: float) -> dict[str, flo
 def run_case(case: Case, impls, device, dtype, rounds, round_s) -> tuple[list[Result], dict]:
     layers = {impl: build(case, impl, device, dtype) for impl in impls}
     ref, x = layers.get("grouped") or layers.get("loop") or build(case, "loop", device, dtype)
+    if "grouped_mm" in layers:
+        if case.backward:
+            del layers["grouped_mm"]  # torch.nn.functional.grouped_mm has no CPU backward (torch 2.11)
+        else:
+            layer, xi = layers["grouped_mm"]
+            try:
+                with torch.inference_mode():
+                    got, want = layer.eval()(xi), ref.eval()(x)
+            except (RuntimeError, NotImplementedError) as err:  # e.g. a dtype or device it does not serve
+                print(f"# grouped_mm skipped: {type(err).__name__}: {str(err).splitlines()[0]}", flush=True)
+                del layers["grouped_mm"]
+            else:
+                tol = 1e-4 if dtype == torch.float32 else 2e-2
+                torch.testing.assert_close(got, want, atol=tol * want.abs().max().item(), rtol=tol)
     touched, share = routing_stats(ref, x)
     fns = {impl: step_fn(layer, xi, case.backward) for impl, (layer, xi) in layers.items()}
     if not case.backward and device == "cpu":
@@ -231,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     for case in todo:
         res, stats = run_case(case, impls, args.device, dtype, args.rounds, args.round_seconds)
         by = {r.impl: r for r in res}
-        cols = " | ".join(f"{by[i].ms:.3f} ({by[i].x_dense:.2f}x)" for i in impls)
+        cols = " | ".join(f"{by[i].ms:.3f} ({by[i].x_dense:.2f}x)" if i in by else "-" for i in impls)
         line = (f"| {case.experts} | {case.tokens} | {case.routing} | {'fwd+bwd' if case.backward else 'fwd'} | "
                 f"{case.d} | {case.ffn} | {stats['touched']} | {stats['top_share']:.2f} | {cols} | "
                 f"{by['grouped'].tflops:.3f} |" if "grouped" in by else "")
