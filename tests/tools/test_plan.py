@@ -32,6 +32,7 @@ def test_json_is_the_most_loaded_rank_of_the_layout_asked_for(capsys):
     assert r["buckets_bytes"] == bucket_bytes(layout) == 200_000_000 * 2
     assert r["config"]["top_k"] == 1  # --set reached the config
     assert r["activations"]["utterances_per_batch"] == 2.0  # 600 frames of 300-frame probes
+    assert r["activations"]["bytes"] == 2 * r["activations"]["probe_bytes"] > 0
     assert r["total_bytes"] == r["model_states_bytes"] + r["buckets_bytes"] + r["activations"]["bytes"]
     # 8 encoder MoE layers (4 blocks x 2) and L2R + R2L decoder layers, each rows x top_k x d x 2 bytes x 1/2 leaving
     layers = r["all_to_all"]["layers"]
