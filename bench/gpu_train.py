@@ -174,7 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("train")
     compare.add_argument("plan")
     args = ap.parse_args(argv)
-    return {"train": cmd_train, "compare": cmd_compare}[args.step](args)
+    from moe_asr.run.config import ConfigError
+
+    try:
+        return {"train": cmd_train, "compare": cmd_compare}[args.step](args)
+    except ConfigError as e:  # a bad config, DeepSpeed JSON or precision: one line, as launch/train.py says it
+        out(f"config error: {e}")
+        return 2
 
 
 if __name__ == "__main__":
