@@ -5,7 +5,7 @@ the rows it finished).
     python -m bench.gpu env      # devices, versions, where the kernels were imported from
     python -m bench.gpu sweep    # every forward and weight-gradient tile x bf16/fp16/fp32 (IEEE, TF32): CSV
     python -m bench.gpu large    # 1M tokens, d 1024, FFN 4096, bf16 (tensors past 2^31 elements), sampled
-    python -m bench.gpu gemm     # grouped GEMM: ours vs torch._grouped_mm vs bmm vs a per-expert loop
+    python -m bench.gpu gemm     # grouped GEMM: ours vs torch.nn.functional.grouped_mm vs bmm vs a per-expert loop
     python -m bench.gpu layer    # MoE layer forward+backward; 16-token streaming eager vs CUDA-graph replay
 
 ``--tiny`` runs the same code on tiny shapes (``bench/gpu.sh --cpu``: CPU tensors under
@@ -288,7 +288,7 @@ def cmd_gemm(args: argparse.Namespace) -> None:
     else:
         k, n, experts, sizes = 1024, 4096, (8, 64), (256, 4096, 65536, 1 << 21)
     out(f"grouped GEMM, K {k}, N {n}, {dtype}, device {dev}: ms per call (TFLOP/s of ours)")
-    out("| pass | experts | rows | routing | ours | torch._grouped_mm | bmm | loop | ours TFLOP/s | ours / grouped_mm |")
+    out("| pass | experts | rows | routing | ours | F.grouped_mm | bmm | loop | ours TFLOP/s | ours / grouped_mm |")
     out("|---|---|---|---|---|---|---|---|---|---|")
     g = torch.Generator(device=dev).manual_seed(0)
     w = (torch.randn(max(experts), k, n, device=dev, generator=g) / k ** 0.5).to(dtype)
@@ -305,11 +305,11 @@ def cmd_gemm(args: argparse.Namespace) -> None:
                 blocks = [(i, s, r) for i, (s, r) in enumerate(zip(starts, counts)) if r]
                 even = routing == "uniform" and m % e == 0
                 fwd = {"ours": lambda: grouped_gemm(x, we, c),
-                       "grouped_mm": lambda: torch._grouped_mm(x, we, offs=offs),
+                       "grouped_mm": lambda: torch.nn.functional.grouped_mm(x, we, offs=offs),
                        "bmm": (lambda: torch.bmm(x.view(e, m // e, k), we)) if even else None,
                        "loop": lambda: [x[s:s + r] @ we[i] for i, s, r in blocks]}
                 wgrad = {"ours": lambda: grouped_wgrad(x, dy, c, e, with_bias=False),
-                         "grouped_mm": lambda: torch._grouped_mm(x.t(), dy, offs=offs),
+                         "grouped_mm": lambda: torch.nn.functional.grouped_mm(x.t(), dy, offs=offs),
                          "bmm": (lambda: torch.bmm(x.view(e, m // e, k).transpose(1, 2), dy.view(e, m // e, n)))
                          if even else None,
                          "loop": lambda: [x[s:s + r].T @ dy[s:s + r] for i, s, r in blocks]}

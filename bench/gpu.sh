@@ -9,7 +9,7 @@
 #   tests.log  the kernel tests on CUDA with the default tile (MOE_KERNELS_TUNE=0: no tuning compiles),
 #   tests.xml  in parallel where pytest-xdist is installed; junit XML
 #   large.txt  1M tokens, d 1024, FFN 4096, bf16 (outputs past 2^31 elements), sampled against torch
-#   gemm.md    grouped GEMM forward and weight gradient: ours vs torch._grouped_mm vs bmm vs a per-expert
+#   gemm.md    grouped GEMM forward and weight gradient: ours vs torch.nn.functional.grouped_mm vs bmm vs a per-expert
 #              loop, 8 and 64 experts, 256 to 2M rows, uniform / Zipf / empty experts (triton do_bench)
 #   layer.md   MoE layer forward+backward; 16-token streaming step eager vs CUDA-graph replay
 #   log.txt    every step's stderr and its line "step NAME limit_s=.. seconds=.. rc=.."
