@@ -8,16 +8,14 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from moe_asr.export.moe import CONTRIB_DOMAIN, SparseMoE
-
 # One name per axis, a str for a dynamic axis, an int for a fixed one.
 Axes = tuple[str | int, ...]
 
 
 def save_graph(module: nn.Module, example: tuple[Tensor, ...], path: Path, inputs: dict[str, Axes],
                outputs: dict[str, Axes], opset: int, metadata: dict[str, str | int] | None = None) -> Path:
-    """Trace ``module`` on ``example`` into ``path`` (TorchScript-based exporter: our contrib MoE
-    node is an ``autograd.Function.symbolic``); axes named by a str stay dynamic."""
+    """Trace ``module`` on ``example`` into ``path`` (TorchScript-based exporter); axes named by a
+    str stay dynamic."""
     if opset < 17:
         raise ValueError(f"opset {opset}: the graphs need opset >= 17 (LayerNormalization)")
     dynamic = {name: {i: a for i, a in enumerate(axes) if isinstance(a, str)}
@@ -27,8 +25,7 @@ def save_graph(module: nn.Module, example: tuple[Tensor, ...], path: Path, input
         warnings.simplefilter("ignore")
         torch.onnx.export(module.eval(), example, str(path), dynamo=False, opset_version=opset,
                           input_names=list(inputs), output_names=list(outputs),
-                          dynamic_axes={k: v for k, v in dynamic.items() if v},
-                          custom_opsets=({CONTRIB_DOMAIN: 1} if _uses_contrib_op(module) else None))
+                          dynamic_axes={k: v for k, v in dynamic.items() if v})
     proto = onnx.load(str(path))
     _keep_inputs(proto.graph, inputs, example)
     for key, value in (metadata or {}).items():
@@ -36,10 +33,6 @@ def save_graph(module: nn.Module, example: tuple[Tensor, ...], path: Path, input
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
     return path
-
-
-def _uses_contrib_op(module: nn.Module) -> bool:
-    return any(isinstance(m, SparseMoE) and m.uses_contrib_op for m in module.modules())
 
 
 def _keep_inputs(graph: onnx.GraphProto, inputs: dict[str, Axes], example: tuple[Tensor, ...]) -> None:

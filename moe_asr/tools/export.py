@@ -12,9 +12,8 @@ Writes under OUTDIR:
                             and decode.py, which runs them with the model's rate, bins and fbank
   export.json               every file's inputs, outputs (axes) and metadata, the model's features
 
-Every MoE layer is one com.microsoft MoE node of ONNX Runtime (only the
-top-k experts of each token run); CMVN is inside the graphs, the features
-(fbank) are not.
+Every MoE layer stays sparse, in standard ONNX ops (only the top-k experts of
+each token run); CMVN is inside the graphs, the features (fbank) are not.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Every exported graph computes what the eager model does, with its MoE layers kept sparse.
 
-Small random models (tests/helpers.py): 4 experts top-2 (the contrib MoE node),
-8 experts top-2 with gelu experts (the standard-op fallback) and a dense one.
+Small random models (tests/helpers.py): 4 experts top-2, 8 experts top-2 with
+gelu experts, and a dense one.
 The graphs run in ONNX Runtime on padded batches of sizes and lengths other
 than the ones they were traced with.
 """
@@ -152,26 +152,29 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, set[str]]:
 
 
 def test_moe_stays_sparse(exported):
-    """No node multiplies all experts' weights: they feed only the MoE node (or, in the fallback,
-    per-expert slices run on the tokens NonZero selected for that expert)."""
+    """No node multiplies all experts' weights: each expert's weights feed one MatMul, run on the rows
+    a Gather took (the tokens NonZero selected for that expert), and no contrib node is used."""
     kind, model, out = exported
     layers = len(model.moe_layers())
     for name in ("encoder_ctc", "streaming_encoder", "decoder_l2r"):
         graph = onnx.load(str(out / f"{name}.onnx")).graph
         ops = [n.op_type for n in graph.node]
+        assert all(n.domain in ("", "ai.onnx") for n in graph.node), name
         per_graph = sum(1 for m in (model.encoder if "encoder" in name else model.decoder.left_decoder).modules()
                         if m in model.moe_layers())
-        stacked = {i.name for i in graph.initializer if i.name.endswith((".fc1", ".fc2"))}
-        if kind == "moe":
-            assert ops.count("MoE") == per_graph and layers > per_graph > 0, name
-            assert all(n.domain == "com.microsoft" for n in graph.node if n.op_type == "MoE")
-            assert len(stacked) == 2 * per_graph and all(_consumers(graph)[s] == {"MoE"} for s in stacked), name
-        elif kind == "gelu":
-            assert "MoE" not in ops
-            assert ops.count("NonZero") == per_graph * model.cfg.moe.num_experts, name
-            assert all(_consumers(graph).get(s, set()) <= {"Gather"} for s in stacked), name
-        else:
-            assert "MoE" not in ops and "NonZero" not in ops and "TopK" not in ops
+        experts = {i.name for i in graph.initializer if i.name.endswith((".w1", ".w2")) and ".experts." in i.name}
+        if kind == "dense":
+            assert "NonZero" not in ops and "TopK" not in ops
+            continue
+        assert layers > per_graph > 0
+        assert ops.count("NonZero") == per_graph * model.cfg.moe.num_experts, name
+        assert len(experts) == 2 * per_graph * model.cfg.moe.num_experts, name
+        producer = {o: n for n in graph.node for o in n.output}
+        for node in graph.node:
+            if node.op_type == "MatMul" and node.input[1] in experts:
+                first = node.input[1].endswith(".w1")
+                assert not first or producer[node.input[0]].op_type == "Gather", (name, node.name)
+        assert all(_consumers(graph)[w] == {"MatMul"} for w in experts), name
 
 
 def test_a_full_context_model_exports_without_streaming_graphs(tmp_path, capsys):

@@ -1,9 +1,8 @@
 """A model whose routers carry a nonzero expert bias exports to graphs that compute what it computes.
 
-ONNX Runtime's MoE node chooses and weights by the same logits, so such layers take the sparse
-standard-op path (the router's biased choice, its plain-logit weights, each expert on its own
-tokens). The bias here changes many tokens' experts, so a graph that dropped it, or weighted by
-the biased logits, would not equal the eager model.
+Such layers export the router's biased choice and its plain-logit weights (each expert on its
+own tokens). The bias here changes many tokens' experts, so a graph that dropped it, or weighted
+by the biased logits, would not equal the eager model.
 """
 from __future__ import annotations
 
