@@ -96,8 +96,8 @@ def _worker(rank: int, port: int, counts: tuple[int, int], starve_rank: int | No
         assert seen["forward combine"] == [((BF16, FP32), (BF16,))]  # rows and the router's fp32 weights
         assert y.dtype == BF16 and x.grad.dtype == BF16
         grads = {name: p.grad for name, p in part.named_parameters()}
-        assert all(g is not None and g.dtype == BF16 for g in grads.values()), {n: g and g.dtype for n, g in
-                                                                               grads.items()}
+        assert all(g is not None and g.dtype == BF16 for g in grads.values()), \
+            {n: None if g is None else g.dtype for n, g in grads.items()}
         if starve_rank == rank:
             assert not part.router.tokens_per_expert[rank * 2:rank * 2 + 2].any()
             assert not any(grads[f"experts.{n}"].any() for n in ("w1", "b1", "w2", "b2"))

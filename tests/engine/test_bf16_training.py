@@ -7,8 +7,8 @@ The stated tolerance, 0.25%, is four times that; the attention loss's log-softma
 instead of fp32 (planted once) drifts 0.37% by step 3 and fails. (Routing by bf16 logits changes these
 losses by 0.01% only: ``test_bf16_contract.py`` catches that one by its dtypes.)
 
-fp16 needs DeepSpeed's CPU accelerator to support it (oneDNN's fp16, absent on most x86 CPUs, this one
-included): there it must train, elsewhere the run ends with one line saying so before DeepSpeed starts.
+fp16 needs DeepSpeed's CPU accelerator to support it (torch's oneDNN fp16 kernels, absent on this
+machine's CPU): there it must train, elsewhere the run ends with one line saying so before DeepSpeed starts.
 """
 from __future__ import annotations
 
