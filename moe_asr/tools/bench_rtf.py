@@ -15,10 +15,11 @@ Contexts: `full`, or `C` for streaming with chunk C (the encoder's caches, chunk
 chunk; several streams advance together in one batched call, as
 `recognize --streaming --streams N` does), `C/L` for C with L left chunks.
 
-Beside each row of a model with experts: the weight-reading floor, the time to
-read once, at this machine's measured memory bandwidth, the weights each encoder
-and decoder call touches (all non-expert weights plus the experts its tokens
-were routed to, counted by the routers as the row ran). A streaming chunk of 16
+Beside each row of every model: the weight-reading floor, the time to read once,
+at this machine's measured memory bandwidth, the weights each encoder and
+decoder call touches (all non-expert weights, a dense model's FFNs included,
+plus the experts its tokens were routed to, counted by the routers as the row
+ran). A streaming chunk of 16
 frames at batch 1 already touches nearly every expert of every layer, so the
 MoE model reads about E/top_k times the FFN weights of the dense one per chunk;
 concurrent streams share those reads.
@@ -97,7 +98,9 @@ class WeightReads:
 
     def __init__(self, model: U2PPModel) -> None:
         self.bytes = 0
-        experts = {id(p) for layer in model.moe_layers() for p in layer.experts.parameters()}
+        # routed experts are counted as the routers touch them; a dense FFN (no router) is read by every call
+        experts = {id(p) for layer in model.moe_layers() if layer.router is not None
+                   for p in layer.experts.parameters()}
         self.encoder_bytes = _bytes(model.encoder.parameters(), experts) + _bytes(model.ctc.parameters(), experts)
         self.decoder_bytes = _bytes(model.decoder.parameters(), experts)
         self._hooks = []
@@ -342,7 +345,7 @@ def _print_row(row: dict, names: list[str]) -> None:
     cells = [row["models"][n] for n in names]
     line = f"{row['mode']:<22}{row['context']:<16}{row['streams']:>4}"
     for c in cells:
-        floor = f" (floor {c['floor_rtf']:.4f})" if c["has_experts"] and c["floor_rtf"] else ""
+        floor = f" (floor {c['floor_rtf']:.4f})" if c["floor_rtf"] else ""
         line += f"  {c['rtf']:>8.4f} [{_spread(c)}]{floor}"
         if "loop_over_ours" in c:
             line += f" loop/ours {c['loop_over_ours']:.2f}x"

@@ -118,3 +118,13 @@ def test_vs_loop_times_the_same_model_with_the_loop_and_a_dense_moe_pair_gets_it
         b = r["flop_bound"]
         assert b["flops_ratio"] == 1  # the tiny pair: equal active FFN FLOPs
         assert 0 < b["dense_ffn_share"] < 1 and b["bound"] == pytest.approx(1 + b["dense_ffn_share"] * 0)
+
+
+def test_a_dense_model_reads_all_its_weights_every_call():
+    """No router: its FFNs are read by every call, so its floor counts them (every weight of the encoder+CTC)."""
+    model = build_model(tiny_config(num_experts=1, top_k=1)).eval()
+    reads = WeightReads(model)
+    assert not reads.has_experts
+    enc = sum(p.numel() * 4 for m in (model.encoder, model.ctc) for p in m.parameters())
+    assert reads.encoder_bytes == enc and reads.decoder_bytes == sum(p.numel() * 4 for p in model.decoder.parameters())
+    reads.close()
