@@ -13,7 +13,8 @@ layer), the others two longer ones. CV is ``CV_BATCHES`` fixed batches, rank r r
 
 The loaders are ``AsrDataLoader``s whose batches come from here: its position, resume state and rank
 agreement are the real ones; the shard lists given on the command line are never opened. The expert-
-bias script's patches come along: each rank leaves its own routed tokens per step in the out-dir.
+bias script's patches come along with its ``main``: each rank leaves its own routed tokens per step in
+the out-dir.
 """
 import sys
 from pathlib import Path
@@ -24,10 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import moe_asr.data.loader as loader_module  # noqa: E402
-import tests.engine.expert_bias_training  # noqa: E402,F401  (dumps each rank's routed tokens)
 from moe_asr.data.batch import Batch  # noqa: E402
+from moe_asr.data.config import DataConfig  # noqa: E402
+from moe_asr.data.tokenizer import Tokenizer  # noqa: E402
 from moe_asr.symbols import IGNORE_ID  # noqa: E402
-from moe_asr.train import main  # noqa: E402
 
 GLOBAL_MICRO = 8     # micro-batches per optimizer step, over all ranks
 SMALL = 4            # the first SMALL of each step are small
@@ -76,14 +77,17 @@ class FixedBatches(loader_module.AsrDataLoader):
             yield batch
 
 
-def fixed_loader(cfg, split="train", tokenizer=None, rank=None, world_size=None) -> FixedBatches:
+def fixed_loader(cfg: DataConfig, split: str = "train", tokenizer: Tokenizer | None = None,
+                 rank: int | None = None, world_size: int | None = None) -> FixedBatches:
+    """``build_loader``'s stand-in."""
     world = loader_module.rank_and_world(rank, world_size)[1]
     # The base class checks that its shards exist and feed every rank; it never opens them here.
     return FixedBatches([__file__] * world, cfg, tokenizer, train=split == "train", rank=rank,
                         world_size=world_size, sync_ranks=split == "train")
 
 
-loader_module.build_loader = fixed_loader
+if __name__ == "__main__":  # patched only here: the tests import the constants above
+    from tests.engine.expert_bias_training import main  # with its patches: each rank dumps its routed tokens
 
-if __name__ == "__main__":
+    loader_module.build_loader = fixed_loader
     sys.exit(main())
