@@ -30,7 +30,7 @@ after two steps, and after the resume.
 
 The ep 8 run's checkpoint then continues at ep 2 (ZeRO 2) through ``moe-asr convert ds-to-pt
 --with-optimizer`` and ``launch/train.py --init-from``, and its steps 3 and 4 equal the reference's
-uninterrupted steps 3 and 4 (losses, CV loss, weights). Carried over: the weights, AdamW's moments and
+uninterrupted steps 3 and 4 (losses, CV loss, weights, and the routing, starved rank included). Carried over: the weights, AdamW's moments and
 step, the LR schedule position and the step and sample counters (the file's training state; the
 moments themselves are checked against the reference's), and, the world size being the same, each
 rank's data position and RNG: the stopped run had read all of epoch 0 without closing it, and the
@@ -149,9 +149,10 @@ def _rank_tokens(out_dir, world: int) -> torch.Tensor:
 
 
 def _assert_skewed_and_starved(tokens: torch.Tensor, reference: torch.Tensor, ep_size: int) -> None:
-    """The ranks routed what the reference did, expert 0 took every token, and (1 < ep_size < world) one
-    rank's experts got no rows while the same experts' copy in another group got some."""
-    torch.testing.assert_close(tokens.sum(0), reference[0, :STEPS], rtol=0, atol=0)  # same routing, per step
+    """The ranks routed what the reference did in the same steps (``[step, layer, expert]``), expert 0 took
+    every token, and (1 < ep_size < world) one rank's experts got no rows while the same experts' copy in
+    another group got some."""
+    torch.testing.assert_close(tokens.sum(0), reference, rtol=0, atol=0)  # same routing, per step and layer
     per_expert = tokens.sum(0)                                                     # [step, layer, expert]
     assert torch.equal(per_expert[..., 0] * 2, per_expert.sum(-1)), "expert 0 must be in every token's top 2"
     per_rank = EXPERTS // ep_size
@@ -171,7 +172,7 @@ def _assert_skewed_and_starved(tokens: torch.Tensor, reference: torch.Tensor, ep
 def test_eight_ranks_equal_one_rank(layout_runs, reference, ep_size, stage):
     run = layout_runs(ep_size, stage)
     _assert_same_training(run, reference, range(1, STEPS + 1))
-    _assert_skewed_and_starved(_rank_tokens(run, WORLD), _rank_tokens(reference, 1), ep_size)
+    _assert_skewed_and_starved(_rank_tokens(run, WORLD), _rank_tokens(reference, 1)[0, :STEPS], ep_size)
 
 
 @pytest.mark.slow
@@ -195,3 +196,4 @@ def test_ep8_checkpoint_continues_at_ep2(layout_runs, reference, corpus, tmp_pat
     resumed = tmp_path / "ep2"
     _train(corpus, resumed, WORLD, 2, 2, RESUMED_STEPS, RESUME_PORT, ("--init-from", str(files["ep8"])))
     _assert_same_training(resumed, reference, range(STEPS + 1, RESUMED_STEPS + 1))
+    _assert_skewed_and_starved(_rank_tokens(resumed, WORLD), _rank_tokens(reference, 1)[0, STEPS:], 2)
