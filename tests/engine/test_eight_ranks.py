@@ -30,12 +30,12 @@ after two steps, and after the resume.
 
 The ep 8 run's checkpoint then continues at ep 2 (ZeRO 2) through ``moe-asr convert ds-to-pt
 --with-optimizer`` and ``launch/train.py --init-from``, and its steps 3 and 4 equal the reference's
-uninterrupted steps 3 and 4 (losses, CV loss, weights, and the routing, starved rank included). Carried over: the weights, AdamW's moments and
-step, the LR schedule position and the step and sample counters (the file's training state; the
-moments themselves are checked against the reference's), and, the world size being the same, each
-rank's data position and RNG: the stopped run had read all of epoch 0 without closing it, and the
-resumed one reads nothing more of it and goes on with epoch 1, as the reference does (from the
-epoch's first batch it would train epoch 0 again, with other losses).
+uninterrupted steps 3 and 4 (losses, CV loss, weights, and the routing, starved rank included).
+Carried over: the weights, AdamW's moments and step, the LR schedule position and the step and sample
+counters (the file's training state; the moments themselves are checked against the reference's),
+and, the world size being the same, each rank's data position and RNG: the stopped run had read all
+of epoch 0 without closing it, and the resumed one reads nothing more of it and goes on with epoch 1,
+as the reference does (from the epoch's first batch it would train epoch 0 again, with other losses).
 """
 from __future__ import annotations
 
