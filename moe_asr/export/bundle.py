@@ -10,6 +10,7 @@ from moe_asr.export import sherpa
 from moe_asr.export.graphs import EncoderCTC, RescoringDecoder, StreamingEncoder
 from moe_asr.export.moe import sparse_copy
 from moe_asr.export.onnx_io import describe, save_graph
+from moe_asr.export.quantize import quantize_graph
 from moe_asr.model.u2pp import U2PPModel
 
 DESCRIPTION = "export.json"
@@ -54,7 +55,7 @@ def _export_decoders(model: U2PPModel, out: Path, opset: int) -> list[Path]:
 
 
 def _export_sherpa(model: U2PPModel, out: Path, chunk_size: int, num_left_chunks: int, opset: int,
-                   opts: sherpa.SherpaOptions) -> list[Path]:
+                   opts: sherpa.SherpaOptions, int8: bool) -> list[Path]:
     out.mkdir(exist_ok=True)
     dim = model.cfg.input_dim
     if opts.log_floor is not None and opts.log_floor.shape != (dim,):
@@ -77,16 +78,23 @@ def _export_sherpa(model: U2PPModel, out: Path, chunk_size: int, num_left_chunks
              "next_conv_cache": tuple(example[4].shape)}, opset,
             sherpa.streaming_metadata(model, chunk_size, num_left_chunks)))
     script = out / "decode.py"
-    script.write_text(sherpa.decode_script(opts, dim, chunk_size, num_left_chunks, model.cfg.encoder.causal))
+    script.write_text(sherpa.decode_script(opts, dim, chunk_size, num_left_chunks, model.cfg.encoder.causal, int8))
     script.chmod(0o755)
     return [*files, tokens, script]
 
 
+def int8_path(path: Path) -> Path:
+    """Where the int8 twin of the graph ``path`` goes: ``model.onnx`` -> ``model.int8.onnx`` (sherpa-onnx's name)."""
+    return path.with_name(f"{path.stem}.int8.onnx")
+
+
 def export_model(model: U2PPModel, out_dir: str | Path, chunk_size: int = 16, num_left_chunks: int = 4,
-                 opset: int = 17, sherpa_onnx: sherpa.SherpaOptions | None = None, about: dict | None = None) -> dict:
+                 opset: int = 17, sherpa_onnx: sherpa.SherpaOptions | None = None, about: dict | None = None,
+                 int8: bool = False) -> dict:
     """Write every graph of ``model`` under ``out_dir`` (with ``sherpa_onnx``: also the sherpa-onnx
-    files under ``sherpa-onnx/``) and ``export.json`` (with ``about``, e.g. the model's source and
-    features, in front); returns what ``export.json`` holds.
+    files under ``sherpa-onnx/``; with ``int8``: beside each graph its int8 twin, ``*.int8.onnx``)
+    and ``export.json`` (with ``about``, e.g. the model's source and features, in front); returns
+    what ``export.json`` holds.
 
     The streaming graphs need a causal encoder; for a full-context model they are left out
     and ``export.json`` says why.
@@ -102,7 +110,9 @@ def export_model(model: U2PPModel, out_dir: str | Path, chunk_size: int = 16, nu
         skipped["streaming"] = "the encoder is not causal (encoder.causal: false): it cannot stream"
     files += _export_decoders(model, out, opset)
     if sherpa_onnx is not None:
-        files += _export_sherpa(model, out / "sherpa-onnx", chunk_size, num_left_chunks, opset, sherpa_onnx)
+        files += _export_sherpa(model, out / "sherpa-onnx", chunk_size, num_left_chunks, opset, sherpa_onnx, int8)
+    if int8:
+        files += [quantize_graph(f, int8_path(f)) for f in files if f.suffix == ".onnx"]
     summary = {**(about or {}), "opset": opset, "chunk_size": chunk_size, "num_left_chunks": num_left_chunks,
                "files": {str(f.relative_to(out)): describe(f) for f in files if f.suffix == ".onnx"},
                "skipped": skipped}

@@ -139,6 +139,7 @@ _SCRIPT = string.Template('''#!/usr/bin/env python3
 
     python decode.py a.wav b.wav          model.onnx, whole utterances
     python decode.py --streaming a.wav    model-streaming.onnx, chunk by chunk
+    python decode.py --int8 a.wav         the int8 graphs (model.int8.onnx, ...), if exported
 
 Prints `name text` a line. sherpa-onnx computes the model's fbank itself: $rate Hz,
 $dim mel bins$fbank_note. Audio at another rate is resampled by sherpa-onnx.
@@ -154,20 +155,24 @@ HERE = Path(__file__).resolve().parent
 SAMPLE_RATE, FEATURE_DIM = $rate, $dim
 CHUNK_SIZE, NUM_LEFT_CHUNKS = $chunk_size, $num_left_chunks
 STREAMING = $streaming
+INT8 = $int8  # written with `moe-asr export --int8`
 # The model's fbank options that from_wenet_ctc does not take (empty: sherpa-onnx's defaults are the model's).
 FBANK = $fbank
 
 
-def recognizer(streaming: bool):
+def recognizer(streaming: bool, int8: bool = False):
+    if int8 and not INT8:
+        raise SystemExit("this export has no int8 graphs: export with --int8")
+    suffix = ".int8.onnx" if int8 else ".onnx"
     if streaming:
         if not STREAMING:
             raise SystemExit("this model has no streaming graph: its encoder is not causal")
         rec = sherpa_onnx.OnlineRecognizer.from_wenet_ctc(
-            tokens=str(HERE / "tokens.txt"), model=str(HERE / "model-streaming.onnx"), chunk_size=CHUNK_SIZE,
+            tokens=str(HERE / "tokens.txt"), model=str(HERE / f"model-streaming{suffix}"), chunk_size=CHUNK_SIZE,
             num_left_chunks=NUM_LEFT_CHUNKS, num_threads=1, sample_rate=SAMPLE_RATE, feature_dim=FEATURE_DIM)
     else:
         rec = sherpa_onnx.OfflineRecognizer.from_wenet_ctc(
-            model=str(HERE / "model.onnx"), tokens=str(HERE / "tokens.txt"), num_threads=1,
+            model=str(HERE / f"model{suffix}"), tokens=str(HERE / "tokens.txt"), num_threads=1,
             sample_rate=SAMPLE_RATE, feature_dim=FEATURE_DIM)
     if FBANK:
         # Only sherpa-onnx's own recognizer class (not a public one) takes the other fbank options.
@@ -188,9 +193,10 @@ def read(path: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description="Decode WAV files with sherpa-onnx")
     parser.add_argument("--streaming", action="store_true", help="model-streaming.onnx, chunk by chunk")
+    parser.add_argument("--int8", action="store_true", help="the int8 graphs (*.int8.onnx)")
     parser.add_argument("wavs", nargs="+")
     args = parser.parse_args()
-    rec = recognizer(args.streaming)
+    rec = recognizer(args.streaming, args.int8)
     for path in args.wavs:
         rate, samples = read(path)
         stream = rec.create_stream()
@@ -212,9 +218,10 @@ if __name__ == "__main__":
 
 
 def decode_script(opts: SherpaOptions, feature_dim: int, chunk_size: int, num_left_chunks: int,
-                  streaming: bool) -> str:
+                  streaming: bool, int8: bool = False) -> str:
     """``decode.py``: sherpa-onnx's recognizers on the exported files, with the model's rate, bins and fbank."""
     fbank = {k: v for k, v in opts.fbank.items() if v != SHERPA_FBANK[k]}
     note = "".join(f", {k}={v}" for k, v in opts.fbank.items())
     return _SCRIPT.substitute(rate=opts.sample_rate, dim=feature_dim, fbank_note=note, chunk_size=chunk_size,
-                              num_left_chunks=num_left_chunks, streaming=streaming, fbank=repr(fbank))
+                              num_left_chunks=num_left_chunks, streaming=streaming, int8=int8,
+                              fbank=repr(fbank))

@@ -10,6 +10,8 @@ Writes under OUTDIR:
   sherpa-onnx/              with --sherpa-onnx: model.onnx (offline), model-streaming.onnx
                             (causal encoders), tokens.txt, for sherpa-onnx's WeNet CTC model type,
                             and decode.py, which runs them with the model's rate, bins and fbank
+  *.int8.onnx               with --int8: each graph's int8 twin (dynamic quantization, experts
+                            included, routers float, still sparse), sherpa-onnx's too
   export.json               every file's inputs, outputs (axes) and metadata, the model's features
 
 Every MoE layer stays sparse, in standard ONNX ops (only the top-k experts of
@@ -35,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--out-dir", required=True, help="output folder")
     parser.add_argument("--sherpa-onnx", action="store_true",
                         help="also write sherpa-onnx WeNet CTC files (offline and streaming), tokens.txt and decode.py")
+    parser.add_argument("--int8", action="store_true",
+                        help="also write each graph's int8 twin (*.int8.onnx): int8 weights, experts included")
     parser.add_argument("--chunk-size", type=int, default=16,
                         help="streaming chunk in encoder frames (default 16)")
     parser.add_argument("--num-left-chunks", type=int, default=4,
@@ -74,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     about = {"model": str(loaded.source), "features": dataclasses.asdict(loaded.config.data.features)}
     summary = export_model(loaded.model, args.out_dir, args.chunk_size, args.num_left_chunks, args.opset,
-                           sherpa_onnx, about)
+                           sherpa_onnx, about, args.int8)
     print(json.dumps({"out_dir": args.out_dir, "description": DESCRIPTION, "files": sorted(summary["files"]),
                       "skipped": summary["skipped"]}, indent=2))
     return 0
