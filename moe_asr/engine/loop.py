@@ -9,15 +9,18 @@ ranks before backward; a non-finite gradient makes the optimizer skip the step
 ZeRO 0: ``Stage0AdamW``), counted in ``engine.skipped_steps``. Both count
 towards ``max_consecutive_nonfinite``.
 
-CV runs under a forked RNG seeded the same way every time: the CV loss of
-different epochs is computed with the same dynamic-chunk draws, and
-evaluating does not disturb the training RNG, so a run that stopped (and
-evaluated) mid-epoch resumes on exactly the path of one that did not stop.
+CV runs under a forked RNG, seeded before each batch from the run's seed and
+the batch's utterance keys: the dynamic-chunk draw of a CV batch is the same
+in every epoch and whichever rank computes it in whatever order (so the same
+batches give the same CV loss at any world size), and evaluating does not
+disturb the training RNG, so a run that stopped (and evaluated) mid-epoch
+resumes on exactly the path of one that did not stop.
 """
 from __future__ import annotations
 
 import logging
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -28,6 +31,7 @@ import torch.distributed as dist
 from moe_asr.run.config import ExperimentConfig
 from moe_asr.data.batch import Batch, filler_batch
 from moe_asr.data.loader import AsrDataLoader
+from moe_asr.data.pipeline import seed_for
 from moe_asr.data.stats import SKIP_REASONS
 from moe_asr.engine import plots
 from moe_asr.engine.checkpoint import CheckpointInfo, Checkpointer, set_rng_state
@@ -261,7 +265,6 @@ class Trainer:
         devices = [self.info.device] if self.info.device.type == "cuda" else []
         lockstep = self.cfg.parallel.ep_size > 1
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.cfg.train.seed)
             batches = iter(self.cv_loader)
             while True:
                 batch = next(batches, None)
@@ -273,6 +276,7 @@ class Trainer:
                     break
                 real = batch is not None
                 batch = (batch if real else filler_batch(self.cfg.model.input_dim)).to(self.info.device)
+                torch.manual_seed(seed_for(self.cfg.train.seed, zlib.crc32("\n".join(batch.keys).encode())))
                 out = self.engine(batch.feats.to(self.dtype), batch.feats_lengths, batch.targets,
                                   batch.target_lengths)
                 if real:
