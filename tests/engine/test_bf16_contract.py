@@ -25,6 +25,7 @@ import moe_asr.moe.layer as layer_module
 from moe_asr.moe.config import MoEConfig
 from moe_asr.moe.layer import MoEFeedForward
 from moe_asr.symbols import IGNORE_ID
+from tests.engine.test_expert_parallel import whole_and_part
 
 D, F, E, K = 16, 32, 4, 2
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -49,14 +50,11 @@ def _worker(rank: int, port: int, counts: tuple[int, int], starve_rank: int | No
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        torch.manual_seed(0)
-        whole = MoEFeedForward(D, F, MoEConfig(E, K))
+        whole, part = whole_and_part(rank, D, F, E, K)
         if starve_rank is not None:  # very negative gate rows: no token picks that rank's experts
             with torch.no_grad():
-                whole.router.gate.weight[starve_rank * 2:(starve_rank + 1) * 2] = -5.0
-        part = MoEFeedForward(D, F, MoEConfig(E, K))
-        part.load_state_dict(whole.state_dict())
-        part.shard(dist.group.WORLD, rank, 2)
+                for layer in (whole, part):
+                    layer.router.gate.weight[starve_rank * 2:(starve_rank + 1) * 2] = -5.0
         for p in part.parameters():         # what DeepSpeed 0.19.8's bf16 mode does: parameters, not buffers
             p.data = p.data.to(BF16)
         assert part.router.choice_bias.dtype == FP32

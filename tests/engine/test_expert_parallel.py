@@ -22,15 +22,21 @@ from moe_asr.moe.layer import MoEFeedForward
 D, F, E, K = 12, 20, 4, 2
 
 
+def whole_and_part(rank: int, d: int, f: int, e: int, k: int) -> tuple[MoEFeedForward, MoEFeedForward]:
+    """A layer (seed 0) and a copy of it sharded to this rank's half of the experts over the 2-rank world."""
+    torch.manual_seed(0)
+    whole = MoEFeedForward(d, f, MoEConfig(e, k))
+    part = MoEFeedForward(d, f, MoEConfig(e, k))
+    part.load_state_dict(whole.state_dict())
+    part.shard(dist.group.WORLD, rank, 2)
+    return whole, part
+
+
 def _worker(rank: int, port: int, counts: tuple[int, int], starve_rank: int | None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        torch.manual_seed(0)
-        whole = MoEFeedForward(D, F, MoEConfig(E, K))
-        part = MoEFeedForward(D, F, MoEConfig(E, K))
-        part.load_state_dict(whole.state_dict())
-        part.shard(dist.group.WORLD, rank, 2)
+        whole, part = whole_and_part(rank, D, F, E, K)
         g = torch.Generator().manual_seed(1)
         x_all = torch.randn(sum(counts), D, generator=g)
         if starve_rank is not None:  # positive inputs and very negative gate rows: no token picks these experts
