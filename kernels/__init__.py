@@ -118,21 +118,21 @@ def moe_ffn(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, b1: Tensor,
     """The whole local MoE: ``y[n] = sum_j weights[n, j] * FFN_{experts[n, j]}(x[n])``.
 
     For when all experts are local (no all-to-all between dispatch and
-    experts): the backend may fuse the steps. On the torch backend, when no
-    gradient is needed (decoding), :func:`kernels.cpu.moe_ffn_sorted` runs
-    each expert unpadded on its sorted rows with in-place ops; with
-    gradients, a few tokens over one padded run of experts skip the sort
-    (:func:`kernels.cpu.moe_ffn_small`); otherwise this is
+    experts): the backend may fuse the steps. On the torch backend, a few
+    tokens over one padded run of experts skip the sort altogether
+    (:func:`kernels.cpu.moe_ffn_small`); otherwise, when no gradient is
+    needed (decoding), :func:`kernels.cpu.moe_ffn_sorted` runs each expert
+    unpadded on its sorted rows with in-place ops; otherwise this is
     ``make_plan -> permute -> grouped_ffn -> unpermute``.
     """
     name = resolve_backend(x, backend)
     if name == "torch":
-        if not (training and dropout > 0) and not (torch.is_grad_enabled()
-                                                   and any(t.requires_grad for t in (x, weights, w1, b1, w2, b2))):
-            return cpu.moe_ffn_sorted(x, experts, weights, w1, b1, w2, b2, activation)
         y = cpu.moe_ffn_small(x, experts, weights, w1, b1, w2, b2, activation, dropout, training)
         if y is not None:
             return y
+        if not (training and dropout > 0) and not (torch.is_grad_enabled()
+                                                   and any(t.requires_grad for t in (x, weights, w1, b1, w2, b2))):
+            return cpu.moe_ffn_sorted(x, experts, weights, w1, b1, w2, b2, activation)
     plan = make_plan(experts, w1.shape[0], name)
     rows = grouped_ffn(permute(x, plan, name), plan.counts, w1, b1, w2, b2, activation, dropout, training, name)
     return unpermute(rows, plan, weights, name)
