@@ -2,7 +2,7 @@
 
 Usage: moe-asr bench-rtf conf/paper_dense_225m.yaml conf/paper_moe_1b.yaml [--seconds 10]
            [--modes encoder,ctc_greedy_search,attention_rescoring] [--contexts full,16,8,16/4]
-           [--streams 1,4,16,64] [--threads 2] [--rounds 5] [--device cpu] [--onnx] [--vs-loop] [--json out.json]
+           [--streams 1,4,16,64] [--threads 2] [--rounds 5] [--device cpu] [--onnx [--int8]] [--vs-loop] [--json out.json]
 
 A model is a config YAML (random weights: speed does not depend on them) or a
 trained model (anything `moe-asr recognize --model` takes). Every row is timed
@@ -43,6 +43,8 @@ log-probs, a small extra the eager rows leave out. A streaming graph keeps a
 bounded cache, so a `C` context (no left limit) has no ONNX cell: it is
 skipped, and the run says why. Before a cell is timed, the graph's encoder
 output must equal the eager one on that cell's input to 1e-4, or the run stops.
+With --int8 the graphs' int8 twins (`moe-asr export --int8`) are timed too, right
+after the float ones, in an `(onnx int8)` line; their check is 5% relative RMS.
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ from moe_asr.run.config import ConfigError, load_config
 from moe_asr.model.ffn_share import ModuleTimers, comparable, ffn_flops_per_token, flop_bound
 from moe_asr.model.u2pp import U2PPModel, build_model
 from moe_asr.moe.router import Router
-from moe_asr.export.onnx_runtime import RUNTIME, OnnxEncoder, OnnxMismatch, check_equal
+from moe_asr.export.onnx_runtime import RUNTIME, OnnxEncoder, OnnxMismatch
 
 MODES = ("encoder", "ctc_greedy_search", "ctc_prefix_beam_search", "attention_rescoring")
 
@@ -236,6 +238,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time each model's exported encoder graphs under ONNX Runtime (CPU, --threads) "
                              "in the encoder rows: full and C/L contexts; a C context without a left limit is "
                              "skipped (the streaming graph's cache is bounded); needs --device cpu")
+    parser.add_argument("--int8", action="store_true",
+                        help="with --onnx: also time the graphs' int8 twins (moe-asr export --int8)")
     parser.add_argument("--vs-loop", action="store_true",
                         help="also time each MoE model with moe.impl: loop (WeNet's per-expert loop; same weights) "
                              "in the same rounds, and print loop/ours beside it")
@@ -258,17 +262,22 @@ def _options(args: argparse.Namespace) -> tuple[list[str], list[Context], list[i
         raise ValueError(f"--device {args.device}: CUDA is not available")
     if args.onnx and (args.device != "cpu" or "encoder" not in modes):
         raise ValueError("--onnx times ONNX Runtime on CPU in the encoder rows: give --device cpu and the encoder mode")
+    if args.int8 and not args.onnx:
+        raise ValueError("--int8 times the exported int8 graphs: give --onnx too")
     return modes, contexts, streams
 
 
 def _onnx_cells(benches: list[Bench], ctx: Context, feats: torch.Tensor, lengths: torch.Tensor,
-                where: str) -> dict[str, Callable[[], object]]:
-    """Each model's graph run for this encoder cell, checked once against the eager output."""
+                where: str) -> dict[tuple[str, str], Callable[[], object]]:
+    """Each model's graph runs (float, and int8 with --int8) for this encoder cell, checked once
+    against the eager output."""
     runs = {}
     for b in benches:
         if b.onnx is not None and not b.onnx.skip_reason(ctx.chunk, ctx.left):
-            runs[b.name] = b.onnx.prepare(ctx.chunk, ctx.left, feats, lengths)
-            check_equal(runs[b.name](), *encoder_out(b.model, ctx, feats, lengths), f"{b.name} {where}")
+            eager = encoder_out(b.model, ctx, feats, lengths)
+            for kind in b.onnx.kinds:
+                runs[b.name, kind] = b.onnx.prepare(ctx.chunk, ctx.left, feats, lengths, kind)
+                b.onnx.check(kind, runs[b.name, kind](), *eager, f"{b.name} {where}")
     return runs
 
 
@@ -293,7 +302,7 @@ def measure_row(benches: list[Bench], mode: str, ctx: Context, n: int, args: arg
     lengths = torch.full((n,), frames, dtype=torch.long, device=args.device)
     onnx = _onnx_cells(benches, ctx, feats, lengths, f"{ctx.name} N={n}") if mode == "encoder" else {}
     eager: dict[str, list[float]] = {b.name: [] for b in benches}
-    graph: dict[str, list[float]] = {name: [] for name in onnx}
+    graph: dict[tuple[str, str], list[float]] = {key: [] for key in onnx}
     reads: dict[str, int] = {}
     ffn_shares: list[float] = []
     for _ in range(args.rounds + 1):
@@ -306,8 +315,9 @@ def measure_row(benches: list[Bench], mode: str, ctx: Context, n: int, args: arg
             reads[b.name] = b.reads.bytes
             if timers is not None:
                 ffn_shares.append(timers.seconds["ffn"] / eager[b.name][-1])
-            if b.name in onnx:
-                graph[b.name].append(_timed(onnx[b.name]))
+            for key in onnx:
+                if key[0] == b.name:
+                    graph[key].append(_timed(onnx[key]))
     audio = n * args.seconds
     cells = {}
     for b in benches:
@@ -317,11 +327,12 @@ def measure_row(benches: list[Bench], mode: str, ctx: Context, n: int, args: arg
         if b.loop_of:
             cells[b.name]["loop_over_ours"] = statistics.median(
                 t / o for t, o in zip(eager[b.name][1:], eager[b.loop_of][1:]))
-        if b.name in onnx:
-            cell = _rtf(graph[b.name], audio)
-            cells[b.name]["onnx"] = {**cell, "eager_over_onnx": cells[b.name]["rtf"] / cell["rtf"]}
-        elif b.onnx is not None and mode == "encoder":
-            cells[b.name]["onnx"] = {"skipped": b.onnx.skip_reason(ctx.chunk, ctx.left)}
+        for kind in b.onnx.kinds if b.onnx is not None and mode == "encoder" else ():
+            if (b.name, kind) in onnx:
+                cell = _rtf(graph[b.name, kind], audio)
+                cells[b.name][kind] = {**cell, "eager_over_onnx": cells[b.name]["rtf"] / cell["rtf"]}
+            else:
+                cells[b.name][kind] = {"skipped": b.onnx.skip_reason(ctx.chunk, ctx.left)}
     row = {"mode": mode, "context": ctx.name, "streams": n, "models": cells}
     if ffn_shares:
         share = statistics.median(ffn_shares[1:])
@@ -355,15 +366,16 @@ def _print_row(row: dict, names: list[str]) -> None:
         if "flop_bound" in row:
             line += f" (bound {row['flop_bound']['bound']:.2f}x)"
     print(line, flush=True)
-    onnx = [c.get("onnx") for c in cells]
-    if any(o and "rtf" in o for o in onnx):
-        line = f"{'  (onnx)':<42}"
-        for o in onnx:
-            line += f"  {o['rtf']:>8.4f} [{_spread(o)}] eager/onnx {o['eager_over_onnx']:.2f}x" if "rtf" in o \
-                else f"  {'skipped':>8}"
-        if len(onnx) == 2 and all("rtf" in o for o in onnx):
-            line += f"  {onnx[1]['rtf'] / onnx[0]['rtf']:.2f}x"
-        print(line, flush=True)
+    for kind in ("onnx", "onnx_int8"):
+        onnx = [c.get(kind) or {} for c in cells]
+        if any("rtf" in o for o in onnx):
+            line = f"{'  (' + kind.replace('_', ' ') + ')':<42}"
+            for o in onnx:
+                line += f"  {o['rtf']:>8.4f} [{_spread(o)}] eager/onnx {o['eager_over_onnx']:.2f}x" if "rtf" in o \
+                    else f"  {'skipped':>8}"
+            if len(onnx) == 2 and all("rtf" in o for o in onnx):
+                line += f"  {onnx[1]['rtf'] / onnx[0]['rtf']:.2f}x"
+            print(line, flush=True)
 
 
 def _print_skips(benches: list[Bench], contexts: list[Context]) -> None:
@@ -392,7 +404,7 @@ def run(args: argparse.Namespace) -> int:
         streaming = list(dict.fromkeys((c.chunk, c.left) for c in contexts if c.chunk > 0 and c.left >= 0))
         for b in benches:
             if b.loop_of is None:
-                b.onnx = OnnxEncoder(b.model, streaming, args.threads)
+                b.onnx = OnnxEncoder(b.model, streaming, args.threads, args.int8)
     bandwidth = memory_bandwidth() if args.device == "cpu" else None
     names = [b.name for b in benches]
     if len(pair) == 2 and "encoder" in modes and comparable(benches[0].model, benches[1].model):

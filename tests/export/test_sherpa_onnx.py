@@ -12,7 +12,8 @@ A model of each tokenizer type (words, characters with ▁, BPE), trained for ST
 FSDD digit sequences of four speakers, gives the same transcripts, words and spaces alike, in
 both on sequences of the two held-out speakers: streaming, every one; offline, every one but
 those with a frame whose best two tokens are within MARGIN (sherpa-onnx's dither still moves
-a feature by up to 0.04 there), at most 2 of 40.
+a feature by up to 0.04 there), at most 2 of 40. The int8 graphs (``export --int8``) decode
+in sherpa-onnx too, offline and streaming, at the float graphs' word error rate within INT8_WER.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ HELD_OUT = ("george", "yweweler")
 CHUNK, LEFT = 4, 2
 STEPS = 300
 MARGIN = 0.01
+INT8_WER, INT8_CHANGED = 0.06, 6
 
 
 def _sequences(speakers: tuple[str, ...], indices: range, n: int, seed: int) -> list[tuple[np.ndarray, str]]:
@@ -102,7 +104,7 @@ def _build(vocab_size: int, feats: list[torch.Tensor], root: Path) -> tuple[U2PP
 def _export(model: U2PPModel, cfg: ModelConfig, tokenizer: Tokenizer, root: Path) -> tuple[Path, Path]:
     data = DataConfig(features=FEATURES, tokenizer=tokenizer.cfg)
     model_file = save_model(root / "model.pt", model.state_dict(), ExperimentConfig(model=cfg, data=data), tokenizer)
-    assert main(["export", "--model", str(model_file), "-o", str(root / "onnx"), "--sherpa-onnx",
+    assert main(["export", "--model", str(model_file), "-o", str(root / "onnx"), "--sherpa-onnx", "--int8",
                  "--chunk-size", str(CHUNK), "--num-left-chunks", str(LEFT)]) == 0
     return model_file, root / "onnx" / "sherpa-onnx"
 
@@ -140,16 +142,16 @@ def _recognize(model_file: Path, wavs: list[Path], out: Path) -> dict[str, str]:
     return read_table(out / "ctc_greedy_search" / "text")
 
 
-def _decode_py(sherpa_dir: Path, wavs: list[Path]) -> dict[str, str]:
+def _decode_py(sherpa_dir: Path, wavs: list[Path], *options: str) -> dict[str, str]:
     """The exported decode.py as a person runs it: sherpa-onnx's offline recognizer, public API."""
-    out = subprocess.run([sys.executable, str(sherpa_dir / "decode.py"), *map(str, wavs)], check=True,
+    out = subprocess.run([sys.executable, str(sherpa_dir / "decode.py"), *options, *map(str, wavs)], check=True,
                          capture_output=True, text=True).stdout
     return {key: text for key, _, text in (line.partition(" ") for line in out.splitlines())}
 
 
-def _online(sherpa_dir: Path) -> sherpa_onnx.OnlineRecognizer:
+def _online(sherpa_dir: Path, graph: str = "model-streaming.onnx") -> sherpa_onnx.OnlineRecognizer:
     return sherpa_onnx.OnlineRecognizer.from_wenet_ctc(
-        tokens=str(sherpa_dir / "tokens.txt"), model=str(sherpa_dir / "model-streaming.onnx"), chunk_size=CHUNK,
+        tokens=str(sherpa_dir / "tokens.txt"), model=str(sherpa_dir / graph), chunk_size=CHUNK,
         num_left_chunks=LEFT, num_threads=1, sample_rate=RATE, feature_dim=BINS)
 
 
@@ -214,3 +216,31 @@ def test_online_recognizer_prints_our_streaming_transcripts_of_a_trained_model(t
     said = {key: _streamed(rec, loaded, samples) for key, (_, samples, _) in heard.items()}
     assert {k: theirs for k, (theirs, _) in said.items()} == {k: ours for k, (_, ours) in said.items()}
     assert sum(" " in ours for _, ours in said.values()) >= 10
+
+
+def _online_text(rec: sherpa_onnx.OnlineRecognizer, samples: np.ndarray) -> str:
+    stream = rec.create_stream()
+    stream.accept_waveform(RATE, samples)
+    stream.input_finished()
+    while rec.is_ready(stream):
+        rec.decode_stream(stream)
+    return rec.get_result(stream)
+
+
+def test_int8_graphs_decode_in_sherpa_onnx_as_the_float_ones(trained, heard):
+    """sherpa-onnx runs the int8 twins (its contract is the float graphs' inputs, outputs and metadata,
+    all kept); offline and streaming, their word error rate on the 40 held-out sequences is the float
+    graphs' within INT8_WER (these small models have many near ties, and the offline recognizer
+    dithers), and at most INT8_CHANGED transcripts differ."""
+    _, sherpa_dir = trained
+    refs = {key: ref for key, (_, _, ref) in heard.items()}
+    wavs = [path for path, _, _ in heard.values()]
+    offline = _decode_py(sherpa_dir, wavs), _decode_py(sherpa_dir, wavs, "--int8")
+    streaming = [{key: _online_text(rec, samples) for key, (_, samples, _) in heard.items()}
+                 for rec in (_online(sherpa_dir), _online(sherpa_dir, "model-streaming.int8.onnx"))]
+    for fp, q in (offline, streaming):
+        changed = {k: (fp[k], q[k]) for k in heard if fp[k] != q[k]}
+        wer_fp, wer_q = score(refs, fp).error_rate, score(refs, q).error_rate
+        assert abs(wer_q - wer_fp) <= INT8_WER and len(changed) <= INT8_CHANGED, (wer_fp, wer_q, changed)
+        cer = score(refs, q, unit="char").error_rate
+        assert cer < 0.6, f"the int8 graphs have lost the digits (CER {cer:.2f} on held-out voices): {q}"

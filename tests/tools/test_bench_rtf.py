@@ -9,7 +9,8 @@ import torch
 from moe_asr.cli import main
 from moe_asr.model.u2pp import build_model
 from moe_asr.tools import bench_rtf
-from moe_asr.export.onnx_runtime import check_equal
+from moe_asr.export import onnx_runtime
+from moe_asr.export.onnx_runtime import check_close, check_equal
 from moe_asr.tools.bench_rtf import WeightReads
 from tests.helpers import tiny_config
 
@@ -50,28 +51,35 @@ def test_every_cell_is_measured_side_by_side(tmp_path, capsys):
 
 
 def test_onnx_cells_are_checked_then_timed_beside_the_eager_ones(tmp_path, capsys, monkeypatch):
+    """Float graphs checked to 1e-4, their int8 twins (--int8) to their relative tolerance, then both timed."""
     checked = []
 
-    def check(got, eager, mask, where):
-        checked.append(where)
-        check_equal(got, eager, mask, where)
+    def recorded(check):
+        def wrapper(got, eager, mask, where):
+            checked.append(where)
+            check(got, eager, mask, where)
+        return wrapper
 
-    monkeypatch.setattr(bench_rtf, "check_equal", check)
+    monkeypatch.setattr(onnx_runtime, "check_equal", recorded(check_equal))
+    monkeypatch.setattr(onnx_runtime, "check_close", recorded(check_close))
     out = tmp_path / "rtf.json"
     assert main(["bench-rtf", str(CONF / "tiny_dense.yaml"), str(CONF / "tiny_moe.yaml"), "--seconds", "0.5",
                  "--rounds", "1", "--streams", "2", "--contexts", "full,4,4/1", "--threads", "1",
-                 "--modes", "encoder", "--onnx", "--json", str(out)]) == 0
-    assert checked == [f"{m} {c} N=2" for c in ("full", "chunk4_left1") for m in ("tiny_dense", "tiny_moe")]
+                 "--modes", "encoder", "--onnx", "--int8", "--json", str(out)]) == 0
+    assert checked == [f"{m} {c} N=2{kind}" for c in ("full", "chunk4_left1") for m in ("tiny_dense", "tiny_moe")
+                       for kind in ("", " (int8)")]
     printed = capsys.readouterr().out
-    assert printed.count("(onnx)") == 2 and "onnx skipped at chunk4 for tiny_dense, tiny_moe: no left limit" in printed
+    assert printed.count("(onnx)") == 2 and printed.count("(onnx int8)") == 2
+    assert "onnx skipped at chunk4 for tiny_dense, tiny_moe: no left limit" in printed
     result = json.loads(out.read_text())
     assert result["onnx_runtime"].startswith("ONNX Runtime ")
     cells = {r["context"]: r["models"] for r in result["rows"]}
     for context in ("full", "chunk4_left1"):
         for model in cells[context].values():
-            assert min(model["onnx"]["rtf"], model["onnx"]["min"]) > 0
-            assert model["onnx"]["eager_over_onnx"] == pytest.approx(model["rtf"] / model["onnx"]["rtf"])
-    assert all("bounded cache" in m["onnx"]["skipped"] for m in cells["chunk4"].values())
+            for kind in ("onnx", "onnx_int8"):
+                assert min(model[kind]["rtf"], model[kind]["min"]) > 0
+                assert model[kind]["eager_over_onnx"] == pytest.approx(model["rtf"] / model[kind]["rtf"])
+    assert all("bounded cache" in m[k]["skipped"] for m in cells["chunk4"].values() for k in ("onnx", "onnx_int8"))
 
 
 def test_an_onnx_output_off_by_more_than_1e_4_on_a_valid_frame_is_refused():
@@ -83,6 +91,18 @@ def test_an_onnx_output_off_by_more_than_1e_4_on_a_valid_frame_is_refused():
     got[1, 0, 3] = 2e-4
     with pytest.raises(ValueError, match=r"^m full N=2: ONNX encoder output differs from eager by 2.00e-04"):
         check_equal(got, eager, mask, "m full N=2")
+
+
+def test_an_int8_output_off_by_more_than_its_relative_rms_is_refused():
+    eager = torch.ones(1, 4, 2)
+    mask = torch.tensor([[[True, True, True, False]]])
+    got = eager.numpy().copy()
+    got[0, 3] = 9.0  # padding: not compared
+    got[0, 0, 0] = 1.08  # RMS of the difference 0.08 / sqrt(6) = 0.033
+    check_close(got, eager, mask, "m full N=1 (int8)")
+    got[0, 0, 0] = 1.2  # 0.082
+    with pytest.raises(ValueError, match=r"^m full N=1 \(int8\): ONNX encoder output is off eager by 0.082"):
+        check_close(got, eager, mask, "m full N=1 (int8)")
 
 
 def test_bad_options_are_one_line(capsys):
