@@ -5,9 +5,9 @@ Usage: moe-asr plan conf/paper_moe_1b.yaml --gpus-per-node 8 --nodes 2 --ep-size
 
 Model states (parameters, gradients, fp32 master weights, Adam moments; expert and non-expert
 apart) are what DeepSpeed 0.19.8's ZeRO 0/1/2 holds on the most loaded GPU, exact to the byte
-(padding included; tests/engine/test_plan_exact.py compares them with real CPU runs). Activations
-and FLOPs come from one training forward of a probe utterance (--utt-seconds) on this CPU in the
-layout's dtype, scaled to the batch's frames. The all-to-all bytes assume uniform routing. See
+(padding included; tests/engine/test_plan_exact.py and test_eight_ranks.py compare them with real
+CPU runs at 2, 4 and 8 ranks). Activations and FLOPs come from one training forward of a probe
+utterance (--utt-seconds) on this CPU in the layout's dtype, scaled to the batch's frames. The all-to-all bytes assume uniform routing. See
 docs/plan.md for what each number counts and the paper models' table.
 """
 from __future__ import annotations

@@ -14,7 +14,8 @@ layer), the others two longer ones. CV is ``CV_BATCHES`` fixed batches, rank r r
 The loaders are ``AsrDataLoader``s whose batches come from here: its position, resume state and rank
 agreement are the real ones; the shard lists given on the command line are never opened. The expert-
 bias script's patches come along with its ``main``: each rank leaves its own routed tokens per step in
-the out-dir.
+the out-dir; so do ``plan_training.py``'s: each rank leaves the bytes of its ZeRO buffers at the first
+step (``plan_rank_<r>.json``), for the comparison with ``moe-asr plan``.
 """
 import sys
 from pathlib import Path
@@ -87,6 +88,7 @@ def fixed_loader(cfg: DataConfig, split: str = "train", tokenizer: Tokenizer | N
 
 
 if __name__ == "__main__":  # patched only here: the tests import the constants above
+    import tests.engine.plan_training  # noqa: F401  (its patches: each rank dumps its ZeRO buffers' bytes)
     from tests.engine.expert_bias_training import main  # with its patches: each rank dumps its routed tokens
 
     loader_module.build_loader = fixed_loader

@@ -36,6 +36,12 @@ counters (the file's training state; the moments themselves are checked against 
 and, the world size being the same, each rank's data position and RNG: the stopped run had read all
 of epoch 0 without closing it, and the resumed one reads nothing more of it and goes on with epoch 1,
 as the reference does (from the epoch's first batch it would train epoch 0 again, with other losses).
+
+Every run's ``metrics.jsonl`` counts no utterance ``dropped: uneven ranks``: the fixed batches give each
+rank the same number of micro-batches a step, so the equal-step rule leaves nothing out of the proof.
+The same layout runs prove ``moe-asr plan``'s model-state bytes, rank by rank, with
+``test_plan_exact.py``'s comparison: each rank dumps its ZeRO buffers at the first step
+(``plan_training.py``'s patches) and the epoch's checkpoint holds its optimizer partitions.
 """
 from __future__ import annotations
 
@@ -46,10 +52,14 @@ import torch
 
 from moe_asr.checkpoint import read_model_state
 from moe_asr.cli import main as cli
+from moe_asr.data.stats import UNEVEN_RANKS
+from moe_asr.plan import Layout
 from moe_asr.run.layout import CHECKPOINTS, INDEX, read_deepspeed_model
+from moe_asr.train import load_experiment
 from tests.engine.conftest import REPO, UNITS, Corpus, read_metrics, run_training, train_cmd
 from tests.engine.eight_rank_training import EPOCH_STEPS, GLOBAL_MICRO, SMALL
 from tests.engine.test_expert_parallel_training import NO_DROPOUT
+from tests.engine.test_plan_exact import assert_ranks_hold_plan
 
 WORLD = 8
 STEPS = EPOCH_STEPS     # each layout: one epoch, ending in CV and a checkpoint
@@ -85,15 +95,22 @@ def corpus(tmp_path_factory) -> Corpus:
     return Corpus(unread, unread, units)
 
 
+def _overrides(corpus: Corpus, nproc: int, ep_size: int, max_steps: int) -> dict:
+    return {**MODEL, **NO_DROPOUT, "data.tokenizer.symbol_table": str(corpus.units), "data.num_workers": 0,
+            "parallel.ep_size": ep_size, "train.accum_grad": GLOBAL_MICRO // nproc,
+            "train.max_steps": max_steps, "train.log_interval": 1,
+            "train.warmup_steps": 3, "train.decay": "noam", "train.lr": 0.002, "train.grad_clip": 0.01,
+            "train.eps": 1e-3}
+
+
+def _ds_config(stage: int):
+    return REPO / f"ds_configs/zero{stage}_cpu.json"
+
+
 def _train(corpus: Corpus, out_dir, nproc: int, ep_size: int, stage: int, max_steps: int, port: int,
            extra: tuple[str, ...] = ()) -> None:
-    overrides = {**MODEL, **NO_DROPOUT, "data.tokenizer.symbol_table": str(corpus.units), "data.num_workers": 0,
-                 "parallel.ep_size": ep_size, "train.accum_grad": GLOBAL_MICRO // nproc,
-                 "train.max_steps": max_steps, "train.log_interval": 1,
-                 "train.warmup_steps": 3, "train.decay": "noam", "train.lr": 0.002, "train.grad_clip": 0.01,
-                 "train.eps": 1e-3}
-    cmd = train_cmd(corpus, out_dir, str(REPO / f"ds_configs/zero{stage}_cpu.json"), overrides, port, nproc=nproc,
-                    launcher="python" if nproc == 1 else "torchrun", script=SCRIPT)
+    cmd = train_cmd(corpus, out_dir, str(_ds_config(stage)), _overrides(corpus, nproc, ep_size, max_steps), port,
+                    nproc=nproc, launcher="python" if nproc == 1 else "torchrun", script=SCRIPT)
     run_training(cmd + list(extra), timeout=TIMEOUT)
 
 
@@ -129,8 +146,18 @@ def _checkpoint(out_dir, step: int) -> dict:
     return next(c for c in json.loads((out_dir / CHECKPOINTS / INDEX).read_text()) if c["step"] == step)
 
 
+def _assert_nothing_dropped(out_dir) -> None:
+    """No utterance was left out by the equal-step rule (``dropped: uneven ranks``), in any step or epoch record:
+    the fixed batches give every rank the same number a step, so the proof trains on the whole global batch."""
+    records = read_metrics(out_dir)
+    counts = [r[key][UNEVEN_RANKS] for r in records for key in ("data_skipped", "data_skipped_epoch") if key in r]
+    assert any("data_skipped_epoch" in r for r in records) and counts == [0] * len(counts)
+
+
 def _assert_same_training(run, reference, steps: range) -> None:
-    """Losses of ``steps``, the CV loss and the weights at the last of them: the reference's."""
+    """Losses of ``steps``, the CV loss and the weights at the last of them: the reference's; nothing dropped."""
+    _assert_nothing_dropped(run)
+    _assert_nothing_dropped(reference)
     ours, theirs = _train_losses(run), _train_losses(reference)
     assert sorted(ours) == list(steps)
     for step in steps:
@@ -197,3 +224,15 @@ def test_ep8_checkpoint_continues_at_ep2(layout_runs, reference, corpus, tmp_pat
     _train(corpus, resumed, WORLD, 2, 2, RESUMED_STEPS, RESUME_PORT, ("--init-from", str(files["ep8"])))
     _assert_same_training(resumed, reference, range(STEPS + 1, RESUMED_STEPS + 1))
     _assert_skewed_and_starved(_rank_tokens(resumed, WORLD), _rank_tokens(reference, 1)[0, STEPS:], 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ep_size,stage", LAYOUTS)
+def test_plan_states_equal_what_each_rank_holds(layout_runs, corpus, ep_size, stage):
+    """``moe-asr plan``'s model-state bytes for this config and layout: every rank's ZeRO buffers at the first
+    step and its optimizer partitions in the epoch's checkpoint (``test_plan_exact.py``'s comparison)."""
+    run = layout_runs(ep_size, stage)
+    overrides = _overrides(corpus, WORLD, ep_size, STEPS)
+    config = load_experiment(str(REPO / "conf/tiny_moe.yaml"), [f"{k}={v}" for k, v in overrides.items()])
+    layout = Layout.from_deepspeed(json.loads(_ds_config(stage).read_text()), gpus_per_node=WORLD, ep_size=ep_size)
+    assert_ranks_hold_plan(run, _checkpoint(run, STEPS)["tag"], config, layout)

@@ -10,10 +10,12 @@ and the moments with it, which ``Group.padding`` accounts for.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from moe_asr.plan import Layout, bucket_bytes, model_states, optimizer_groups, parameters
+from moe_asr.run.config import ExperimentConfig
 from moe_asr.run.files import load_file
 from moe_asr.train import load_experiment
 from tests.engine.conftest import REPO, SMALL_MODEL, build_corpus, data_overrides, run_training, train_cmd
@@ -39,20 +41,27 @@ def test_plan_states_equal_what_each_rank_holds(corpus, tmp_path, world, ep_size
     run_training(train_cmd(corpus, tmp_path, str(ds_path), overrides, port, nproc=world, script=SCRIPT), timeout=600)
     config = load_experiment(str(REPO / "conf/tiny_moe.yaml"), [f"{k}={v}" for k, v in overrides.items()])
     layout = Layout.from_deepspeed(json.loads(ds_path.read_text()), gpus_per_node=world, ep_size=ep_size)
+    assert_ranks_hold_plan(tmp_path, "step_1", config, layout)
     params = parameters(config.model)
-    for rank in range(world):
-        measured = json.loads((tmp_path / f"plan_rank_{rank}.json").read_text())
+    assert any(g.padding for r in range(world) for g in optimizer_groups(params, layout, r)), "padding untested"
+
+
+def assert_ranks_hold_plan(out_dir: Path, tag: str, config: ExperimentConfig, layout: Layout) -> None:
+    """Every rank of a run of ``config`` in ``layout`` held the plan's bytes: its ZeRO buffers as
+    ``plan_training.py`` dumped them (``plan_rank_<r>.json``) and its optimizer partitions in checkpoint ``tag``."""
+    params = parameters(config.model)
+    for rank in range(layout.world):
+        measured = json.loads((out_dir / f"plan_rank_{rank}.json").read_text())
         planned = model_states(params, layout, rank)
         assert {part: measured[part] for part in planned} == planned, rank
         assert measured["buckets"] == bucket_bytes(layout)
         groups = optimizer_groups(params, layout, rank)
         assert measured["group_ranks"] == [g.ranks for g in groups] and measured["moe"] == [g.expert for g in groups]
         prefix = "bf16_" if layout.dtype == "bf16" else ""  # DeepSpeed's name for a bf16 run's optimizer files
-        saved = load_file(tmp_path / "checkpoints" / "step_1" / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        saved = load_file(out_dir / "checkpoints" / tag / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
         state = saved["optimizer_state_dict"]
         masters = [t.numel() for t in state["single_partition_of_fp32_groups"]]
         assert masters == [g.partition - g.padding for g in groups], rank
         moments = state["base_optimizer_state"]["state"]
         assert [moments[i]["exp_avg"].numel() + moments[i]["exp_avg_sq"].numel() for i in range(len(groups))] \
             == [2 * g.partition for g in groups], rank
-    assert any(g.padding for r in range(world) for g in optimizer_groups(params, layout, r)), "padding untested"
