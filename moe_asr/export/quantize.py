@@ -12,6 +12,7 @@ experts only, as the float one does.
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -43,9 +44,14 @@ def quantize_graph(src: Path, dst: Path) -> Path:
     keep = router_matmuls(model.graph)
     with tempfile.TemporaryDirectory(prefix="int8-") as tmp:
         out = Path(tmp) / "int8.onnx"
-        quantize_dynamic(model, out, op_types_to_quantize=["MatMul"],
-                         weight_type=QuantType.QInt8, nodes_to_exclude=keep,
-                         extra_options={"MatMulConstBOnly": True})
+        before = logging.root.manager.disable
+        logging.disable(logging.WARNING)  # its advice to pre-process for static quantization, once per graph
+        try:
+            quantize_dynamic(model, out, op_types_to_quantize=["MatMul"],
+                             weight_type=QuantType.QInt8, nodes_to_exclude=keep,
+                             extra_options={"MatMulConstBOnly": True})
+        finally:
+            logging.disable(before)
         quantized = onnx.load(str(out))
     # The float graph's declarations: the quantizer's shape inference fixes some named axes to numbers.
     for mine, theirs in ((quantized.graph.input, model.graph.input), (quantized.graph.output, model.graph.output),
