@@ -11,8 +11,8 @@ router's internals:
   ``[E]`` and ``entropy`` (mean entropy of its distribution over experts),
   kept by ``record``;
 - what an exporter needs to reproduce it: ``onnx_logits`` (logits whose top-k,
-  softmaxed over the k, *is* the routing: ONNX Runtime's MoE node computes
-  that) and ``onnx_routing`` (the routing in ops that export to standard
+  softmaxed over the k, *is* the routing: the export's top-k softmax
+  computes that) and ``onnx_routing`` (the routing in ops that export to standard
   ONNX). A router that has neither says so, and the export names it;
 - optionally an expert bias (``has_choice_bias``): a ``choice_bias [E]``
   float32 buffer added to the logits to *choose* the k experts, never to
@@ -128,8 +128,8 @@ class TopKRouter(Router):
         return routing, aux
 
     def onnx_logits(self, x: Tensor) -> Tensor | None:
-        """The gate's logits while the bias is zero; None once it is not (ONNX Runtime's MoE node
-        chooses and weights by the same logits, so a biased choice takes the standard-op path)."""
+        """The gate's logits while the bias is zero; None once it is not (the export's top-k softmax
+        chooses and weights by the same logits, so a biased choice exports its ``onnx_routing``)."""
         return None if bool(self.choice_bias.any()) else self.logits(x)
 
     def onnx_routing(self, x: Tensor) -> Routing:
@@ -137,7 +137,7 @@ class TopKRouter(Router):
 
 
 def top_k_softmax(logits: Tensor, k: int, bias: Tensor | None = None) -> Routing:
-    """WeNet's gate on ``logits [N, E]`` (and ONNX Runtime's MoE node's): top-k, softmax over the k in float32.
+    """WeNet's gate on ``logits [N, E]``: top-k, softmax over the k in float32.
 
     With ``bias [E]`` the k experts are those of ``logits + bias`` (in float32), still weighted by a
     softmax over their plain logits: the bias steers the choice only (a zero bias changes nothing).
