@@ -7,6 +7,8 @@ than the ones they were traced with.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -57,19 +59,27 @@ def _close(actual: np.ndarray, expected: torch.Tensor, rows: torch.Tensor | None
     torch.testing.assert_close(a, e, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("batch, frames", [(3, 90), (1, 31)])
-def test_encoder_ctc_equals_eager_on_padded_batches(exported, batch, frames):
-    _, model, out = exported
+def run_encoder_ctc(graph: Path, model, batch: int, frames: int) -> tuple[list[np.ndarray], torch.Tensor,
+                                                                          torch.Tensor, torch.Tensor]:
+    """The encoder_ctc graph and eager on one padded batch (seeded): the graph's outputs, eager's encoder
+    output and CTC log-probabilities, and the valid [B, T] rows; the graph's lengths are checked here."""
     torch.manual_seed(1)
     feats = torch.randn(batch, frames, 20)
     lengths = torch.randint(frames // 2, frames + 1, (batch,))
     lengths[0] = frames
-    got = _session(out / "encoder_ctc.onnx").run(None, {"feats": feats.numpy(), "feats_lengths": lengths.numpy()})
+    got = _session(graph).run(None, {"feats": feats.numpy(), "feats_lengths": lengths.numpy()})
     with torch.no_grad():
         enc, mask = model.encoder(feats, lengths, -1, -1)
     valid = mask.squeeze(1)
     assert got[1].tolist() == valid.sum(1).tolist()
-    _close(got[0], model.ctc.log_softmax(enc), valid)
+    return got, enc, model.ctc.log_softmax(enc), valid
+
+
+@pytest.mark.parametrize("batch, frames", [(3, 90), (1, 31)])
+def test_encoder_ctc_equals_eager_on_padded_batches(exported, batch, frames):
+    _, model, out = exported
+    got, enc, log_probs, valid = run_encoder_ctc(out / "encoder_ctc.onnx", model, batch, frames)
+    _close(got[0], log_probs, valid)
     _close(got[2], enc, valid)
 
 

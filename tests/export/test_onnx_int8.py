@@ -19,6 +19,7 @@ from moe_asr.export.bundle import export_model, int8_path
 from moe_asr.export.graphs import StreamingEncoder
 from moe_asr.export.quantize import router_matmuls
 from moe_asr.model.u2pp import build_model
+from tests.export.test_onnx import run_encoder_ctc
 from tests.helpers import tiny_config
 
 CHUNK, LEFT = 4, 2
@@ -77,18 +78,9 @@ def test_int8_quantizes_experts_keeps_routers_float_and_stays_sparse(exported):
 @pytest.mark.parametrize("batch, frames", [(3, 90), (1, 31)])
 def test_int8_encoder_ctc_is_eager_within_its_tolerance(exported, batch, frames):
     model, out, _ = exported
-    torch.manual_seed(1)
-    feats = torch.randn(batch, frames, 20)
-    lengths = torch.randint(frames // 2, frames + 1, (batch,))
-    lengths[0] = frames
-    got = _session(out / "encoder_ctc.int8.onnx").run(None, {"feats": feats.numpy(),
-                                                             "feats_lengths": lengths.numpy()})
-    with torch.no_grad():
-        enc, mask = model.encoder(feats, lengths, -1, -1)
-    valid = mask.squeeze(1)
-    assert got[1].tolist() == valid.sum(1).tolist()
+    got, enc, log_probs, valid = run_encoder_ctc(out / "encoder_ctc.int8.onnx", model, batch, frames)
     assert _relative_rms(got[2], enc, valid) < RELATIVE_RMS
-    assert _relative_rms(got[0], model.ctc.log_softmax(enc), valid) < RELATIVE_RMS
+    assert _relative_rms(got[0], log_probs, valid) < RELATIVE_RMS
 
 
 def test_int8_streaming_graph_is_eager_within_its_tolerance(exported):
