@@ -8,6 +8,7 @@ than the ones they were traced with.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -134,8 +135,10 @@ def test_decoders_equal_eager_on_padded_batches(exported):
     check_decoders(model, out)
 
 
-def check_decoders(model: torch.nn.Module, out, names: tuple[str, ...] = ("l2r", "r2l")) -> None:
-    """Each exported decoder of ``names`` equals the eager one on a padded batch (1e-4 on real positions)."""
+def check_decoders(model: torch.nn.Module, out, names: tuple[str, ...] = ("l2r", "r2l"), suffix: str = ".onnx",
+                   compare: Callable[[np.ndarray, torch.Tensor, torch.Tensor], None] = _close) -> None:
+    """Each exported decoder of ``names`` (``decoder_<name><suffix>``) against the eager one on a padded batch:
+    ``compare(graph's, eager's, valid positions)``, by default equal to 1e-4 on the real positions."""
     decoders = {"l2r": model.decoder.left_decoder, "r2l": model.decoder.right_decoder}
     torch.manual_seed(4)
     memory, memory_lens = torch.randn(3, 17, 32), torch.tensor([17, 9, 12])
@@ -145,12 +148,12 @@ def check_decoders(model: torch.nn.Module, out, names: tuple[str, ...] = ("l2r",
     valid = torch.arange(7)[None] < ys_lens[:, None]
     for name in names:
         decoder = decoders[name]
-        got = _session(out / f"decoder_{name}.onnx").run(None, {
+        got = _session(out / f"decoder_{name}{suffix}").run(None, {
             "encoder_out": memory.numpy(), "encoder_out_lens": memory_lens.numpy(), "ys_in": ys_in.numpy(),
             "ys_in_lens": ys_lens.numpy()})[0]
         with torch.no_grad():
             expected = decoder(memory, lengths_mask(memory_lens, 17), ys_in, ys_lens).log_softmax(-1)
-        _close(got, expected, valid)
+        compare(got, expected, valid)
 
 
 def _consumers(graph: onnx.GraphProto) -> dict[str, set[str]]:

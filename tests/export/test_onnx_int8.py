@@ -19,7 +19,7 @@ from moe_asr.export.bundle import export_model, int8_path
 from moe_asr.export.graphs import StreamingEncoder
 from moe_asr.export.quantize import router_matmuls
 from moe_asr.model.u2pp import build_model
-from tests.export.test_onnx import run_encoder_ctc
+from tests.export.test_onnx import check_decoders, run_encoder_ctc
 from tests.helpers import tiny_config
 
 CHUNK, LEFT = 4, 2
@@ -106,17 +106,8 @@ def test_int8_streaming_graph_is_eager_within_its_tolerance(exported):
 
 def test_int8_decoders_are_eager_within_their_tolerance(exported):
     model, out, _ = exported
-    torch.manual_seed(4)
-    memory, memory_lens = torch.randn(3, 17, 32), torch.tensor([17, 9, 12])
-    ys_in = torch.randint(0, model.vocab_size, (3, 7))
-    ys_in[:, 0] = model.sos
-    ys_lens = torch.tensor([7, 3, 5])
-    valid = torch.arange(7)[None] < ys_lens[:, None]
-    mask = (torch.arange(17)[None] < memory_lens[:, None]).unsqueeze(1)
-    for name, decoder in (("l2r", model.decoder.left_decoder), ("r2l", model.decoder.right_decoder)):
-        got = _session(out / f"decoder_{name}.int8.onnx").run(None, {
-            "encoder_out": memory.numpy(), "encoder_out_lens": memory_lens.numpy(), "ys_in": ys_in.numpy(),
-            "ys_in_lens": ys_lens.numpy()})[0]
-        with torch.no_grad():
-            expected = decoder(memory, mask, ys_in, ys_lens).log_softmax(-1)
-        assert _relative_rms(got, expected, valid) < RELATIVE_RMS, name
+
+    def within_tolerance(got: np.ndarray, expected: torch.Tensor, valid: torch.Tensor) -> None:
+        assert _relative_rms(got, expected, valid) < RELATIVE_RMS
+
+    check_decoders(model, out, suffix=".int8.onnx", compare=within_tolerance)
