@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from moe_asr.model.ffn_share import KINDS, ModuleTimers, ffn_flops_per_token, flop_bound
 from moe_asr.model.u2pp import U2PPModel, build_model
@@ -50,10 +51,6 @@ def run_once(model: U2PPModel, context: str, feats: torch.Tensor, lengths: torch
 
 def counted_flops(model: U2PPModel, context: str, feats: torch.Tensor, lengths: torch.Tensor) -> int:
     """FLOPs of one call, as computed (a padded expert row costs what a real one does)."""
-    # Imported here: torch's flop counter imports triton, which must not be imported before a
-    # test session has set TRITON_INTERPRET for the kernels' interpreter tests.
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         run_once(model, context, feats, lengths)
     return counter.get_total_flops()

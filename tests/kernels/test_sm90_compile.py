@@ -3,7 +3,7 @@ path, which the interpreter never exercises, is checked without a GPU. Each tile
 (its shared-memory estimate within sm90's 227 KiB) must really fit, in bf16 and in fp32 with TF32 (wgmma,
 the largest buffers); each variant the autograd layer launches (epilogues, dtypes) must compile.
 
-The compile runs in a child process without TRITON_INTERPRET (this folder's conftest sets it on CPU).
+The compile runs in a child process without TRITON_INTERPRET (tests/conftest.py sets it on CPU).
 """
 import json
 import os
