@@ -120,19 +120,18 @@ def moe_ffn(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, b1: Tensor,
     For when all experts are local (no all-to-all between dispatch and
     experts): the backend may fuse the steps. On the torch backend, a few
     tokens over one padded run of experts skip the sort altogether
-    (:func:`kernels.cpu.moe_ffn_small`); otherwise, when no gradient is
-    needed (decoding), :func:`kernels.cpu.moe_ffn_sorted` runs each expert
-    unpadded on its sorted rows with in-place ops; otherwise this is
-    ``make_plan -> permute -> grouped_ffn -> unpermute``.
+    (:func:`kernels.cpu.moe_ffn_small`); otherwise
+    :func:`kernels.cpu.moe_ffn_sorted` runs each expert unpadded on its sorted
+    rows (in place when no gradient is needed; in training it beats the padded
+    ``grouped_ffn`` forward and backward, whose padding, splits and gathers
+    cost more than they save at training sizes: ``bench.train_breakdown``). The
+    triton backend runs ``make_plan -> permute -> grouped_ffn -> unpermute``.
     """
     name = resolve_backend(x, backend)
     if name == "torch":
         y = cpu.moe_ffn_small(x, experts, weights, w1, b1, w2, b2, activation, dropout, training)
-        if y is not None:
-            return y
-        if not (training and dropout > 0) and not (torch.is_grad_enabled()
-                                                   and any(t.requires_grad for t in (x, weights, w1, b1, w2, b2))):
-            return cpu.moe_ffn_sorted(x, experts, weights, w1, b1, w2, b2, activation)
+        return y if y is not None else cpu.moe_ffn_sorted(x, experts, weights, w1, b1, w2, b2, activation,
+                                                          dropout, training)
     plan = make_plan(experts, w1.shape[0], name)
     rows = grouped_ffn(permute(x, plan, name), plan.counts, w1, b1, w2, b2, activation, dropout, training, name)
     return unpermute(rows, plan, weights, name)

@@ -179,16 +179,20 @@ def unpermute(rows: Tensor, inverse: Tensor, weights: Tensor) -> Tensor:
 
 
 def moe_ffn_sorted(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
-                   b2: Tensor, activation: str = "swish") -> Tensor:
-    """The whole local MoE without autograd (decoding), in ``6 + 4 x (experts with rows)`` ops.
+                   b2: Tensor, activation: str = "swish", dropout: float = 0.0, training: bool = False) -> Tensor:
+    """The whole local MoE with each expert unpadded on its sorted rows, in ``6 + 4 x (experts with rows)`` ops.
 
     The (token, slot) assignments are sorted by expert and the tokens gathered once; each expert
-    then runs ``addmm -> act -> addmm`` on its contiguous rows, the second ``addmm`` writing
-    straight into one ``[N*k, d]`` buffer; the rows are scaled by their router weights in place and
-    summed back into their tokens by one ``index_add_``. No padding (no FLOP is spent on an empty
-    slot, whatever the counts) and no per-expert ``nonzero``/gather/``index_add`` as in WeNet's
-    loop. A token's k contributions are added in expert order, as the loop adds them, so the
-    result is the loop's. In-place ops throughout: callers use it only when no gradient is needed.
+    then runs ``addmm -> act -> addmm`` on its contiguous rows; the rows are scaled by their router
+    weights and summed back into their tokens by one ``index_add``. No padding (no FLOP is spent on
+    an empty slot, whatever the counts) and no per-expert ``nonzero``/gather/``index_add`` as in
+    WeNet's loop. A token's k contributions are added in expert order, as the loop adds them, and
+    each expert sees its rows in token order, as in the loop: the result is the loop's exactly, and
+    in training so are the dropout draws (one per expert with rows, in expert order).
+
+    Without gradients (decoding) the ops work in place: the second ``addmm`` writes straight into
+    one ``[N*k, d]`` buffer. With them, the weights are unbound once per tensor (one stack in the
+    backward, where indexing each expert would fill a zero tensor of the whole stack per expert).
     """
     n, k = experts.shape
     flat = experts.reshape(-1)
@@ -196,15 +200,28 @@ def moe_ffn_sorted(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, b1: 
     counts = torch.bincount(flat, minlength=w1.shape[0]).tolist()
     tokens = order // k
     rows = x.index_select(0, tokens)
-    out = x.new_empty(n * k, w2.shape[-1])
-    start = 0
-    for e, c in enumerate(counts):
-        if c:
-            h = _act(activation, torch.addmm(b1[e], rows[start:start + c], w1[e]), True)
-            torch.addmm(b2[e], h, w2[e], out=out[start:start + c])
-            start += c
-    out.mul_(weights.reshape(-1).index_select(0, order).to(out.dtype).unsqueeze(1))
-    return x.new_zeros(n, out.shape[1]).index_add_(0, tokens, out)
+    scale = weights.reshape(-1).index_select(0, order).to(x.dtype).unsqueeze(1)
+    p = dropout if training else 0.0
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, w1, b1, w2, b2))):
+        out = x.new_empty(n * k, w2.shape[-1])
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                h = _act(activation, torch.addmm(b1[e], rows[start:start + c], w1[e]), True)
+                h = F.dropout(h, p, True, inplace=True) if p > 0 else h
+                torch.addmm(b2[e], h, w2[e], out=out[start:start + c])
+                start += c
+        return x.new_zeros(n, out.shape[1]).index_add_(0, tokens, out.mul_(scale))
+    if n == 0:  # still a (zero) gradient for every weight: see grouped_ffn
+        return x.new_zeros(0, w2.shape[-1]) + sum(t.sum() for t in (x, weights, w1, b1, w2, b2)) * 0
+    w1s, b1s, w2s, b2s = (t.unbind(0) for t in (w1, b1, w2, b2))
+    outs = []
+    for e, part in enumerate(rows.split(counts)):
+        if counts[e]:
+            h = _act(activation, torch.addmm(b1s[e], part, w1s[e]), False)
+            h = F.dropout(h, p, True) if p > 0 else h
+            outs.append(torch.addmm(b2s[e], h, w2s[e]))
+    return x.new_zeros(n, w2.shape[-1]).index_add(0, tokens, torch.cat(outs) * scale)
 
 
 SMALL_ASSIGNMENTS = 512  # up to this many (token, slot) pairs, moe_ffn_small plans on the host

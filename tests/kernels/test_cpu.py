@@ -64,23 +64,33 @@ def _unit_dropout(h, p=0.5, training=True, inplace=False):
     return h * keep / (1 - p)
 
 
-@pytest.mark.parametrize("n,k,e,path", [(16, 2, 8, "small"), (5, 1, 4, "single"), (300, 2, 4, "padded")])
+@pytest.mark.parametrize("n,k,e,path", [(16, 2, 8, "small"), (300, 2, 4, "sorted"), (5, 1, 4, "single"),
+                                         (300, 2, 4, "padded")])
 def test_hidden_dropout_in_training_equals_the_loop_under_the_same_mask(n, k, e, path, monkeypatch):
-    """Forward and gradients in training with dropout, each CPU path (moe_ffn_small; grouped_ffn running
-    experts one at a time or as one padded run) against WeNet's loop, both dropping what the injected mask drops."""
+    """Forward and gradients in training with dropout, each CPU path (moe_ffn: its sort-free small path
+    and its sorted path; grouped_ffn, the expert-parallel path, running experts one at a time or as one
+    padded run) against WeNet's loop, both dropping what the injected mask drops."""
     import moe_asr_kernels as kernels
     torch.manual_seed(n)
     d, f = 6, 12
     w = _weights(e, d, f, seed=n)
     experts = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
     weights = torch.softmax(torch.randn(n, k), -1)
-    segments = cpu.plan_segments(torch.bincount(experts.flatten(), minlength=e).tolist(), d, f)
-    small = cpu.moe_ffn_small(torch.zeros(n, d), experts, weights, *w) is not None
-    assert path == ("small" if small else "padded" if any(b - a > 1 for a, b, _ in segments) else "single")
+
+    def run(x, training):
+        if path in ("small", "sorted"):
+            assert (cpu.moe_ffn_small(torch.zeros(n, d), experts, weights, *w) is not None) == (path == "small")
+            return kernels.moe_ffn(x, experts, weights, *w, "swish", dropout=0.5, training=training)
+        plan = make_plan(experts, e)
+        segments = cpu.plan_segments(plan.counts.tolist(), d, f)
+        assert any(b - a > 1 for a, b, _ in segments) == (path == "padded")
+        rows = cpu.grouped_ffn(permute(x, plan), plan.counts, *w, "swish", dropout=0.5, training=training)
+        return unpermute(rows, plan, weights)
+
     x = torch.randn(n, d, requires_grad=True)
-    without = kernels.moe_ffn(x, experts, weights, *w, "swish", dropout=0.5, training=False)
+    without = run(x, False)
     monkeypatch.setattr(torch.nn.functional, "dropout", _unit_dropout)
-    y = kernels.moe_ffn(x, experts, weights, *w, "swish", dropout=0.5, training=True)
+    y = run(x, True)
     refs = [t.detach().clone().requires_grad_() for t in [x] + w]
     y_ref = moe_loop(refs[0], experts, weights, *refs[1:], "swish", dropout=0.5, training=True)
     assert not torch.allclose(y_ref, without), "the mask should change the output"
@@ -89,6 +99,25 @@ def test_hidden_dropout_in_training_equals_the_loop_under_the_same_mask(n, k, e,
     for i, (a, b) in enumerate(zip(torch.autograd.grad((y * g).sum(), [x] + w),
                                    torch.autograd.grad((y_ref * g).sum(), refs))):
         torch.testing.assert_close(a, b, msg=f"grad {i}")
+
+
+def test_sorted_path_draws_the_loops_dropout_masks():
+    """In training the sorted path runs the experts in the loop's order on their rows in the loop's
+    order, so from the same generator state it draws the same dropout masks: equal outputs exactly."""
+    import moe_asr_kernels as kernels
+    torch.manual_seed(1)
+    n, k, e, d, f = 300, 2, 6, 8, 16
+    w = _weights(e, d, f, seed=1)
+    experts = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
+    weights = torch.softmax(torch.randn(n, k), -1)
+    x = torch.randn(n, d, requires_grad=True)
+    torch.manual_seed(7)
+    y = kernels.moe_ffn(x, experts, weights, *w, "swish", dropout=0.3, training=True)
+    torch.manual_seed(7)
+    y_ref = moe_loop(x, experts, weights, *w, "swish", dropout=0.3, training=True)
+    assert torch.equal(y, y_ref)
+    torch.manual_seed(8)
+    assert not torch.equal(kernels.moe_ffn(x, experts, weights, *w, "swish", dropout=0.3, training=True), y_ref)
 
 
 @pytest.mark.parametrize("n,k,e", [(11, 2, 4), (5, 1, 3), (9, 2, 8), (1, 2, 2)])
@@ -193,18 +222,19 @@ def test_decoding_path_equals_the_loop_bit_for_bit(counts, activation, monkeypat
     assert calls == [1, 1]
 
 
-def test_decoding_path_is_not_taken_where_gradients_are_needed(monkeypatch):
-    """Training (a weight requiring grad, or dropout in training) keeps the differentiable paths."""
+def test_training_takes_the_sorted_path_without_padding(monkeypatch):
+    """With gradients, moe_ffn (all experts local) runs the sorted path, not the padded grouped kernel, and
+    gives every weight a gradient; with no tokens at all, zero gradients (ZeRO reduces every weight)."""
     import moe_asr_kernels as kernels
-    monkeypatch.setattr(cpu, "moe_ffn_sorted", lambda *a: pytest.fail("decoding path taken with gradients"))
+    monkeypatch.setattr(cpu, "grouped_ffn", lambda *a, **k: pytest.fail("padded path taken in training"))
     torch.manual_seed(0)
     n, k, e, d, f = 300, 2, 4, 6, 10
-    w = _weights(e, d, f)
-    experts = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
-    weights = torch.softmax(torch.randn(n, k), -1)
-    x = torch.randn(n, d)
-    y = kernels.moe_ffn(x, experts, weights, *w)
-    y.sum().backward()
-    assert w[0].grad is not None
-    with torch.no_grad():
-        kernels.moe_ffn(x, experts, weights, *[p.detach() for p in w], dropout=0.1, training=True)
+    for tokens in (n, 0):
+        w = _weights(e, d, f)
+        experts = torch.stack([torch.randperm(e)[:k] for _ in range(n)])[:tokens]
+        weights = torch.softmax(torch.randn(tokens, k), -1).requires_grad_()
+        x = torch.randn(tokens, d, requires_grad=True)
+        y = kernels.moe_ffn(x, experts, weights, *w)
+        assert y.shape == (tokens, d)
+        y.sum().backward()
+        assert all(p.grad is not None and bool(p.grad.any()) == (tokens > 0) for p in w + [weights])
