@@ -15,7 +15,9 @@ only the seconds differ. The best round of each variant is reported:
 * ``dense`` (with ``--dense-config``): the MoE's dense twin of equal active parameters,
   the price of the experts in training time.
 
-``--variants`` picks some of them (keys ``grouped-ep grouped loop deepspeed dense``).
+``--variants`` picks some of them (keys ``grouped-ep grouped loop deepspeed dense``);
+``--variant NAME KEY=VALUE...`` adds one of its own, e.g. a balancing setting in the
+expert-parallel layout (``--variant bias parallel.ep_size=2 model.moe.bias_update_rate=0.1``).
 
     python -m bench.train --config conf/tiny_moe.yaml --deepspeed_config ds_configs/zero2_cpu.json \\
         --train-shards data/train/shards.list --cv-shards data/cv/shards.list --nproc 2 --steps 60 \\
@@ -82,14 +84,22 @@ def main() -> int:
     p.add_argument("--port", type=int, default=29800)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to launch/train.py")
     p.add_argument("--dense-config", help="also train this dense config (the MoE's twin of equal active parameters)")
-    p.add_argument("--variants", nargs="+", help="keys to run (default: all): grouped-ep grouped loop deepspeed dense")
+    p.add_argument("--variants", nargs="*", help="keys to run (default: all): grouped-ep grouped loop deepspeed dense")
+    p.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME KEY=VALUE",
+                   help="one more variant: its name, then its launch/train.py overrides (repeatable)")
     args = p.parse_args()
     runs = variants(args.nproc, args.dense_config)
-    if args.variants:
+    if args.variants is not None:
         unknown = set(args.variants) - set(runs)
         if unknown:
             p.error(f"unknown variants {sorted(unknown)}; choose from {sorted(runs)}")
         runs = {k: v for k, v in runs.items() if k in args.variants}
+    for name, *overrides in args.variant:
+        if name in runs or any("=" not in o for o in overrides):
+            p.error(f"--variant {name}: a new name, then KEY=VALUE overrides")
+        runs[name] = (name, overrides, None)
+    if not runs:
+        p.error("no variant to run")
     fps: dict[str, list[float]] = {key: [] for key in runs}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
