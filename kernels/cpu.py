@@ -2,10 +2,11 @@
 
 The per-expert loop pays a handful of small ops per expert; at streaming sizes
 (16 tokens, 8 experts: 2 to 6 rows per expert) that overhead, not arithmetic,
-is the cost. Here contiguous runs of experts are padded into one batched matmul
-(``baddbmm`` over ``[n, C, d]``), and large groups run unpadded one by one. A
-small cost model picks the grouping from the per-expert counts (known on the
-host, since this is the CPU path).
+is the cost. Here, when decoding, contiguous runs of experts are padded into one
+batched matmul (``baddbmm`` over ``[n, C, d]``), and large groups run unpadded one
+by one; a small cost model picks the grouping from the per-expert counts (known on
+the host, since this is the CPU path). In training every expert runs unpadded on
+its own rows: the padding's gathers and their backwards cost more than they save.
 """
 from __future__ import annotations
 
@@ -103,7 +104,10 @@ def grouped_ffn(rows: Tensor, counts: Tensor | list[int], w1: Tensor, b1: Tensor
         return rows.new_zeros(0, w2.shape[-1]) + sum(t.sum() for t in (rows, w1, b1, w2, b2)) * 0
     inplace = not (torch.is_grad_enabled() and (rows.requires_grad or w1.requires_grad))
     p = dropout if training else 0.0
-    segments = plan_segments(counts, d, w1.shape[-1], rows.element_size())
+    # Padding pays only without autograd (decoding): in training, a padded run's index_copy, gather
+    # and their backwards cost more than its one baddbmm saves, so every expert with rows runs alone.
+    segments = (plan_segments(counts, d, w1.shape[-1], rows.element_size()) if inplace
+                else [(e, e + 1, c) for e, c in enumerate(counts) if c])
     # One split per tensor rather than a slice per segment: the backward of a split is one cat,
     # that of each slice a zero-filled tensor of the whole size (rows or weights) per segment.
     seg_rows = rows.split([sum(counts[e0:e1]) for e0, e1, _ in segments])

@@ -33,6 +33,8 @@ def test_grouped_ffn_matches_loop(counts, activation):
     rows_ref = rows.detach().clone().requires_grad_()
     y_ref = grouped_ffn_loop(rows_ref, counts, *w_ref, activation)
     torch.testing.assert_close(y, y_ref)
+    with torch.no_grad():  # decoding: the padded runs plan_segments picks
+        torch.testing.assert_close(cpu.grouped_ffn(rows, torch.tensor(counts), *w, activation), y_ref)
     if not sum(counts):
         return
     g = torch.randn_like(y)
@@ -64,12 +66,12 @@ def _unit_dropout(h, p=0.5, training=True, inplace=False):
     return h * keep / (1 - p)
 
 
-@pytest.mark.parametrize("n,k,e,path", [(16, 2, 8, "small"), (300, 2, 4, "sorted"), (5, 1, 4, "single"),
-                                         (300, 2, 4, "padded")])
+@pytest.mark.parametrize("n,k,e,path", [(16, 2, 8, "small"), (300, 2, 4, "sorted"), (5, 1, 4, "grouped"),
+                                         (300, 2, 4, "grouped")])
 def test_hidden_dropout_in_training_equals_the_loop_under_the_same_mask(n, k, e, path, monkeypatch):
     """Forward and gradients in training with dropout, each CPU path (moe_ffn: its sort-free small path
-    and its sorted path; grouped_ffn, the expert-parallel path, running experts one at a time or as one
-    padded run) against WeNet's loop, both dropping what the injected mask drops."""
+    and its sorted path; grouped_ffn, the expert-parallel path, each expert on its own rows) against
+    WeNet's loop, both dropping what the injected mask drops."""
     import moe_asr_kernels as kernels
     torch.manual_seed(n)
     d, f = 6, 12
@@ -82,8 +84,6 @@ def test_hidden_dropout_in_training_equals_the_loop_under_the_same_mask(n, k, e,
             assert (cpu.moe_ffn_small(torch.zeros(n, d), experts, weights, *w) is not None) == (path == "small")
             return kernels.moe_ffn(x, experts, weights, *w, "swish", dropout=0.5, training=training)
         plan = make_plan(experts, e)
-        segments = cpu.plan_segments(plan.counts.tolist(), d, f)
-        assert any(b - a > 1 for a, b, _ in segments) == (path == "padded")
         rows = cpu.grouped_ffn(permute(x, plan), plan.counts, *w, "swish", dropout=0.5, training=training)
         return unpermute(rows, plan, weights)
 
@@ -238,3 +238,20 @@ def test_training_takes_the_sorted_path_without_padding(monkeypatch):
         assert y.shape == (tokens, d)
         y.sum().backward()
         assert all(p.grad is not None and bool(p.grad.any()) == (tokens > 0) for p in w + [weights])
+
+
+def test_grouped_ffn_pads_only_without_autograd(monkeypatch):
+    """Few even rows per expert: decoding pads them into one baddbmm run; training (autograd) runs each
+    expert on its own rows, since the padding's gathers and their backwards cost more than they save."""
+    counts = [6, 4, 2, 2, 3, 6, 6, 3]
+    assert cpu.plan_segments(counts, 256, 1024) == [(0, 8, 6)]
+    w = _weights(8, 256, 1024)
+    rows = torch.randn(sum(counts), 256, requires_grad=True)
+    calls = []
+    real = torch.baddbmm
+    monkeypatch.setattr(torch, "baddbmm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cpu.grouped_ffn(rows, counts, *w).sum().backward()
+    assert calls == [] and all(p.grad is not None for p in w)
+    with torch.no_grad():
+        cpu.grouped_ffn(rows, counts, *w)
+    assert calls == [1, 1]
