@@ -78,7 +78,9 @@ def _export_sherpa(model: U2PPModel, out: Path, chunk_size: int, num_left_chunks
              "next_conv_cache": tuple(example[4].shape)}, opset,
             sherpa.streaming_metadata(model, chunk_size, num_left_chunks)))
     script = out / "decode.py"
-    script.write_text(sherpa.decode_script(opts, dim, chunk_size, num_left_chunks, model.cfg.encoder.causal, int8))
+    tail = model.encoder.stream_windows(chunk_size, num_left_chunks).window if model.cfg.encoder.causal else 0
+    script.write_text(sherpa.decode_script(opts, dim, chunk_size, num_left_chunks, model.cfg.encoder.causal, int8,
+                                           tail))
     script.chmod(0o755)
     return [*files, tokens, script]
 

@@ -154,6 +154,9 @@ import sherpa_onnx
 HERE = Path(__file__).resolve().parent
 SAMPLE_RATE, FEATURE_DIM = $rate, $dim
 CHUNK_SIZE, NUM_LEFT_CHUNKS = $chunk_size, $num_left_chunks
+# Silence appended before the end of a streamed file: sherpa-onnx's online recognizer runs whole chunks
+# only, so without it the last partial chunk (a whole short utterance) is never decoded. One chunk's window.
+TAIL_SECONDS = $tail_seconds
 STREAMING = $streaming
 INT8 = $int8  # written with `moe-asr export --int8`
 # The model's fbank options that from_wenet_ctc does not take (empty: sherpa-onnx's defaults are the model's).
@@ -202,6 +205,7 @@ def main() -> None:
         stream = rec.create_stream()
         stream.accept_waveform(rate, samples)
         if args.streaming:
+            stream.accept_waveform(rate, np.zeros(int(TAIL_SECONDS * rate), dtype=np.float32))
             stream.input_finished()
             while rec.is_ready(stream):
                 rec.decode_stream(stream)
@@ -218,10 +222,11 @@ if __name__ == "__main__":
 
 
 def decode_script(opts: SherpaOptions, feature_dim: int, chunk_size: int, num_left_chunks: int,
-                  streaming: bool, int8: bool = False) -> str:
-    """``decode.py``: sherpa-onnx's recognizers on the exported files, with the model's rate, bins and fbank."""
+                  streaming: bool, int8: bool = False, tail_frames: int = 0) -> str:
+    """``decode.py``: sherpa-onnx's recognizers on the exported files, with the model's rate, bins and fbank;
+    ``tail_frames``: feature frames of silence it appends to a streamed file (10 ms each, sherpa-onnx's shift)."""
     fbank = {k: v for k, v in opts.fbank.items() if v != SHERPA_FBANK[k]}
     note = "".join(f", {k}={v}" for k, v in opts.fbank.items())
     return _SCRIPT.substitute(rate=opts.sample_rate, dim=feature_dim, fbank_note=note, chunk_size=chunk_size,
                               num_left_chunks=num_left_chunks, streaming=streaming, int8=int8,
-                              fbank=repr(fbank))
+                              fbank=repr(fbank), tail_seconds=round(tail_frames * 0.01, 4))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -155,8 +156,9 @@ def _online(sherpa_dir: Path, graph: str = "model-streaming.onnx") -> sherpa_onn
         num_left_chunks=LEFT, num_threads=1, sample_rate=RATE, feature_dim=BINS)
 
 
-def _streamed(rec: sherpa_onnx.OnlineRecognizer, loaded: LoadedModel, samples: np.ndarray) -> tuple[str, str]:
-    """sherpa-onnx's streaming text, and ours on the windows it decoded (whole windows only, as they fill)."""
+def _streamed(rec: sherpa_onnx.OnlineRecognizer, loaded: LoadedModel, samples: np.ndarray) -> tuple[str, str, int]:
+    """sherpa-onnx's streaming text, ours on the windows it decoded (whole windows only, as they fill), and
+    how many feature frames those windows cover."""
     stream = rec.create_stream()
     stream.accept_waveform(RATE, samples)
     stream.input_finished()
@@ -165,10 +167,11 @@ def _streamed(rec: sherpa_onnx.OnlineRecognizer, loaded: LoadedModel, samples: n
         rec.decode_stream(stream)
         chunks += 1
     w = loaded.model.encoder.stream_windows(CHUNK, LEFT)
-    feats = Fbank(loaded.config.data.features)([torch.from_numpy(samples)])[0][:(chunks - 1) * w.stride + w.window]
+    covered = (chunks - 1) * w.stride + w.window
+    feats = Fbank(loaded.config.data.features)([torch.from_numpy(samples)])[0][:covered]
     hyp = decode(loaded.model, feats[None], torch.tensor([len(feats)]), ["ctc_greedy_search"],
                  DecodeOptions(chunk_size=CHUNK, num_left_chunks=LEFT, streaming=True))["ctc_greedy_search"][0]
-    return rec.get_result(stream), loaded.tokenizer.decode(hyp.tokens)
+    return rec.get_result(stream), loaded.tokenizer.decode(hyp.tokens), covered
 
 
 def _margin(model: U2PPModel, feats: torch.Tensor) -> float:
@@ -214,8 +217,8 @@ def test_online_recognizer_prints_our_streaming_transcripts_of_a_trained_model(t
     model_file, sherpa_dir = trained
     loaded, rec = load_model(model_file), _online(sherpa_dir)
     said = {key: _streamed(rec, loaded, samples) for key, (_, samples, _) in heard.items()}
-    assert {k: theirs for k, (theirs, _) in said.items()} == {k: ours for k, (_, ours) in said.items()}
-    assert sum(" " in ours for _, ours in said.values()) >= 10
+    assert {k: theirs for k, (theirs, _, _) in said.items()} == {k: ours for k, (_, ours, _) in said.items()}
+    assert sum(" " in ours for _, ours, _ in said.values()) >= 10
 
 
 def _online_text(rec: sherpa_onnx.OnlineRecognizer, samples: np.ndarray) -> str:
@@ -244,3 +247,22 @@ def test_int8_graphs_decode_in_sherpa_onnx_as_the_float_ones(trained, heard):
         assert abs(wer_q - wer_fp) <= INT8_WER and len(changed) <= INT8_CHANGED, (wer_fp, wer_q, changed)
         cer = score(refs, q, unit="char").error_rate
         assert cer < 0.6, f"the int8 graphs have lost the digits (CER {cer:.2f} on held-out voices): {q}"
+
+
+def test_decode_py_streams_a_file_to_its_last_frame(trained, heard):
+    """sherpa-onnx's online recognizer runs whole chunks only: the exported decode.py appends one chunk's
+    window of silence (TAIL_SECONDS) before ending a streamed file, so the windows it decodes cover every
+    feature frame of the file, where without it the last, partial chunk is dropped. What it prints is
+    sherpa-onnx's text of the padded file, which is ours on the same windows."""
+    model_file, sherpa_dir = trained
+    tail = float(re.search(r"^TAIL_SECONDS = (.+)$", (sherpa_dir / "decode.py").read_text(), re.M).group(1))
+    loaded, rec = load_model(model_file), _online(sherpa_dir)
+    fbank = Fbank(loaded.config.data.features)
+    printed = _decode_py(sherpa_dir, [path for path, _, _ in heard.values()], "--streaming")
+    dropped = 0
+    for key, (_, samples, _) in heard.items():
+        frames = len(fbank([torch.from_numpy(samples)])[0])
+        theirs, ours, covered = _streamed(rec, loaded, np.concatenate([samples, np.zeros(int(tail * RATE), np.float32)]))
+        assert covered >= frames and printed[key] == theirs == ours, (key, covered, frames, printed[key], theirs, ours)
+        dropped += _streamed(rec, loaded, samples)[2] < frames
+    assert dropped > len(heard) / 2, "without the tail, most files should end inside a chunk"
