@@ -2,6 +2,8 @@
 
     python -m bench.kernels                       # CPU: the goal shapes, fp32, 2 threads
     python -m bench.kernels --preset full         # the whole grid (long on CPU)
+    python -m bench.kernels --preset train --threads 1 --clock process --impls grouped loop dense
+                                                  # the digits model's layer, forward + backward
     python -m bench.kernels --device cuda --dtype bf16 --preset full
 
 Each row times one whole ``MoEFeedForward`` forward (router, dispatch, experts,
@@ -62,6 +64,9 @@ def cases(preset: str, d_list: list[int]) -> list[Case]:
         out = [Case(e, n, r, False, d, 4 * d) for d in d_list for e in (8, 64)
                for n in (16, 512, 8192, 65536) for r in ("balanced", "skewed")]
         return out + [Case(e, 8192, "balanced", True, d, 4 * d) for d in d_list for e in (8, 64)]
+    if preset == "train":  # the digits recipe's MoE layer (d 128, 8 experts of 256) on training batches
+        return [Case(8, n, r, True, 128, 256) for n, r in ((150, "balanced"), (625, "balanced"),
+                                                           (625, "skewed"), (1250, "balanced"))]
     if preset == "quick":
         return [Case(8, 16, "balanced", False, 256, 1024), Case(8, 512, "skewed", False, 256, 1024),
                 Case(8, 512, "balanced", True, 256, 1024)]
@@ -233,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp32 on cpu, bf16 on cuda")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
-    ap.add_argument("--preset", choices=("goals", "quick", "gpu", "full"), default="goals")
+    ap.add_argument("--preset", choices=("goals", "quick", "train", "gpu", "full"), default="goals")
     ap.add_argument("--d", type=int, nargs="+", default=[256, 512, 1024], help="d_model values (full preset)")
     ap.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     ap.add_argument("--rounds", type=int, default=10)
