@@ -93,7 +93,8 @@ class Subject:
 
     def __init__(self, path: str, vocab: int, impl: str | None) -> None:
         cfg = load_config(path)
-        model_cfg = replace(cfg.model, vocab_size=vocab, cmvn=None)
+        model_cfg = replace(cfg.model, vocab_size=vocab if cfg.model.vocab_size == "auto" else cfg.model.vocab_size,
+                            cmvn=None)
         if impl and model_cfg.moe.num_experts > 1:
             model_cfg = replace(model_cfg, moe=replace(model_cfg.moe, impl=impl))
         torch.manual_seed(0)
@@ -145,8 +146,8 @@ def main() -> None:
 
     subjects = [Subject(path, args.vocab, impl) for i, path in enumerate(args.configs)
                 for impl in ([None] if i == 0 else args.impls.split(","))]
-    input_dim = subjects[0].model.cfg.input_dim
-    batch = make_batch(args.frames, args.utt_frames, input_dim, args.vocab)
+    first = subjects[0].model
+    batch = make_batch(args.frames, args.utt_frames, first.cfg.input_dim, first.vocab_size)
     rounds: dict[str, list[dict[str, float]]] = {s.label: [] for s in subjects}
     for r in range(args.rounds):
         for s in subjects:
