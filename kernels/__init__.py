@@ -124,7 +124,7 @@ def moe_ffn(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, b1: Tensor,
     :func:`kernels.cpu.moe_ffn_sorted` runs each expert unpadded on its sorted
     rows (in place when no gradient is needed; in training it beats the padded
     ``grouped_ffn`` forward and backward, whose padding, splits and gathers
-    cost more than they save at training sizes: ``bench.train_breakdown``). The
+    cost more than they save at training sizes: ``bench.kernels --preset train``). The
     triton backend runs ``make_plan -> permute -> grouped_ffn -> unpermute``.
     """
     name = resolve_backend(x, backend)
