@@ -56,8 +56,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch._dynamo.config.recompile_limit = 64  # one compile per window and cache shape, and per MoE graph piece
-    print(f"| model | eager RTF | compiled RTF | eager/compiled | first compiled run | max difference |\n"
-          f"|---|---|---|---|---|---|")
+    print("| model | eager RTF | compiled RTF | eager/compiled | first compiled run | max difference |\n"
+          "|---|---|---|---|---|---|")
     for path in args.configs:
         model = build(path)
         feats = torch.randn(1, int(args.seconds * 100), model.cfg.input_dim)

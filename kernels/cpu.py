@@ -184,7 +184,7 @@ def unpermute(rows: Tensor, inverse: Tensor, weights: Tensor) -> Tensor:
 
 def moe_ffn_sorted(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
                    b2: Tensor, activation: str = "swish", dropout: float = 0.0, training: bool = False) -> Tensor:
-    """The whole local MoE with each expert unpadded on its sorted rows, in ``6 + 4 x (experts with rows)`` ops.
+    """The whole local MoE with each expert unpadded on its sorted rows (decoding: ``6 + 4 x experts with rows`` ops).
 
     The (token, slot) assignments are sorted by expert and the tokens gathered once; each expert
     then runs ``addmm -> act -> addmm`` on its contiguous rows; the rows are scaled by their router

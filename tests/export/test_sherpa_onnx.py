@@ -263,7 +263,8 @@ def test_decode_py_streams_a_file_to_its_last_frame(trained, heard):
     dropped = 0
     for key, (_, samples, _) in heard.items():
         frames = len(fbank([torch.from_numpy(samples)])[0])
-        theirs, ours, covered = _streamed(rec, loaded, np.concatenate([samples, np.zeros(int(tail * RATE), np.float32)]))
+        padded = np.concatenate([samples, np.zeros(int(tail * RATE), np.float32)])
+        theirs, ours, covered = _streamed(rec, loaded, padded)
         assert covered >= frames and printed[key] == theirs == ours, (key, covered, frames, printed[key], theirs, ours)
         dropped += _streamed(rec, loaded, samples)[2] < frames
     assert dropped > len(heard) / 2, "without the tail, most files should end inside a chunk"
