@@ -205,14 +205,14 @@ def moe_ffn_sorted(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, b1: 
     tokens = order // k
     rows = x.index_select(0, tokens)
     scale = weights.reshape(-1).index_select(0, order).to(x.dtype).unsqueeze(1)
-    p = dropout if training else 0.0
+    rate = dropout if training else 0.0
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, w1, b1, w2, b2))):
         out = x.new_empty(n * k, w2.shape[-1])
         start = 0
         for e, c in enumerate(counts):
             if c:
                 h = _act(activation, torch.addmm(b1[e], rows[start:start + c], w1[e]), True)
-                h = F.dropout(h, p, True, inplace=True) if p > 0 else h
+                h = F.dropout(h, rate, True, inplace=True) if rate > 0 else h
                 torch.addmm(b2[e], h, w2[e], out=out[start:start + c])
                 start += c
         return x.new_zeros(n, out.shape[1]).index_add_(0, tokens, out.mul_(scale))
@@ -223,7 +223,7 @@ def moe_ffn_sorted(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, b1: 
     for e, part in enumerate(rows.split(counts)):
         if counts[e]:
             h = _act(activation, torch.addmm(b1s[e], part, w1s[e]), False)
-            h = F.dropout(h, p, True) if p > 0 else h
+            h = F.dropout(h, rate, True) if rate > 0 else h
             outs.append(torch.addmm(b2s[e], h, w2s[e]))
     return x.new_zeros(n, w2.shape[-1]).index_add(0, tokens, torch.cat(outs) * scale)
 

@@ -25,9 +25,10 @@ PLANTS: dict[str, tuple[dict[str, list[tuple[str, str]]], list[str]]] = {
         ["tests/model/test_u2pp.py::test_loss_is_the_u2pp_combination_of_losses_computed_by_hand"]),
     "no hidden-layer dropout on the CPU paths": (
         {"moe_asr_kernels/cpu.py": [("p = dropout if training else 0.0", "p = 0.0"),
+                                    ("rate = dropout if training else 0.0", "rate = 0.0"),
                                     ("if training and dropout > 0:", "if False:")]},
         [f"tests/kernels/test_cpu.py::test_hidden_dropout_in_training_equals_the_loop_under_the_same_mask[{case}]"
-         for case in ("16-2-8-small", "5-1-4-single", "300-2-4-padded")]),
+         for case in ("16-2-8-small", "300-2-4-sorted", "5-1-4-grouped", "300-2-4-grouped")]),
     "recognize ignores --chunk-size and --num-left-chunks": (
         {"moe_asr/tools/recognize.py": [
             ("DecodeOptions(chunk_size=args.chunk_size, num_left_chunks=args.num_left_chunks,",
