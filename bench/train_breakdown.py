@@ -31,21 +31,16 @@ import torch
 from torch import nn
 
 from moe_asr.engine.optim import build_optimizer
+from moe_asr.model.ffn_share import KINDS as ENCODER_KINDS, encoder_module_kinds
 from moe_asr.model.u2pp import U2PPModel, build_model
 from moe_asr.run.config import load_config
 
-KINDS = ("subsampling", "attention", "conv", "ffn", "decoder attention", "decoder ffn")
+KINDS = (*ENCODER_KINDS, "decoder attention", "decoder ffn")
 
 
 def module_kinds(model: U2PPModel) -> list[tuple[nn.Module, str]]:
     """The timed modules of a U2++ model and their kinds (disjoint: none is inside another)."""
-    enc = model.encoder
-    out: list[tuple[nn.Module, str]] = [(enc.embed, "subsampling")]
-    for layer in enc.encoders:
-        out.append((layer.self_attn, "attention"))
-        for name, kind in (("conv_module", "conv"), ("feed_forward", "ffn"), ("feed_forward_macaron", "ffn")):
-            if getattr(layer, name) is not None:
-                out.append((getattr(layer, name), kind))
+    out = encoder_module_kinds(model)
     decoders = [model.decoder.left_decoder, model.decoder.right_decoder]
     for layer in (lay for dec in decoders if dec is not None for lay in dec.decoders):
         out += [(layer.self_attn, "decoder attention"), (layer.src_attn, "decoder attention"),

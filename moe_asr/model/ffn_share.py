@@ -20,19 +20,25 @@ if TYPE_CHECKING:
 KINDS = ("subsampling", "attention", "conv", "ffn")
 
 
+def encoder_module_kinds(model: U2PPModel) -> list[tuple[nn.Module, str]]:
+    """The encoder's modules of each kind in ``KINDS`` (disjoint: none is inside another)."""
+    enc = model.encoder
+    out: list[tuple[nn.Module, str]] = [(enc.embed, "subsampling")]
+    for layer in enc.encoders:
+        out.append((layer.self_attn, "attention"))
+        for name, kind in (("conv_module", "conv"), ("feed_forward", "ffn"), ("feed_forward_macaron", "ffn")):
+            if getattr(layer, name) is not None:
+                out.append((getattr(layer, name), kind))
+    return out
+
+
 class ModuleTimers:
     """Seconds per module kind of one model's encoder, accumulated by wrapped forwards (for good)."""
 
     def __init__(self, model: U2PPModel) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
-        enc = model.encoder
-        self._wrap(enc.embed, "subsampling")
-        for layer in enc.encoders:
-            self._wrap(layer.self_attn, "attention")
-            for name, kind in (("conv_module", "conv"), ("feed_forward", "ffn"), ("feed_forward_macaron", "ffn")):
-                module = getattr(layer, name)
-                if module is not None:
-                    self._wrap(module, kind)
+        for module, kind in encoder_module_kinds(model):
+            self._wrap(module, kind)
 
     def _wrap(self, module: nn.Module, kind: str) -> None:
         forward = module.forward
