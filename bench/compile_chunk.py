@@ -16,19 +16,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 
 import torch
 import torch._dynamo
 
-from moe_asr.model.u2pp import U2PPModel, build_model
-from moe_asr.run.config import load_config
-
-
-def build(path: str) -> U2PPModel:
-    cfg = load_config(path).model
-    torch.manual_seed(0)
-    return build_model(replace(cfg, vocab_size=5000) if cfg.vocab_size == "auto" else cfg, load_cmvn=False).eval()
+from bench.encoder_breakdown import random_model
+from moe_asr.model.u2pp import U2PPModel
 
 
 def stream(model: U2PPModel, feats: torch.Tensor, chunk: int, left: int) -> torch.Tensor:
@@ -59,7 +52,7 @@ def main() -> None:
     print("| model | eager RTF | compiled RTF | eager/compiled | first compiled run | max difference |\n"
           "|---|---|---|---|---|---|")
     for path in args.configs:
-        model = build(path)
+        model = random_model(path)
         feats = torch.randn(1, int(args.seconds * 100), model.cfg.input_dim)
         run = lambda: stream(model, feats, args.chunk, args.left)  # noqa: E731
         reference = run()

@@ -29,15 +29,20 @@ from moe_asr.model.ffn_share import KINDS, ModuleTimers, ffn_flops_per_token, fl
 from moe_asr.model.u2pp import U2PPModel, build_model
 from moe_asr.run.config import load_config
 
-__all__ = ["KINDS", "build", "counted_flops", "ffn_flops_per_token", "run_once"]
+__all__ = ["KINDS", "build", "counted_flops", "ffn_flops_per_token", "random_model", "run_once"]
 
 
-def build(path: str) -> tuple[U2PPModel, ModuleTimers]:
+def random_model(path: str) -> U2PPModel:
+    """The config's model in eval mode with seeded random weights (speed does not depend on them)."""
     cfg = load_config(path).model
     if cfg.vocab_size == "auto":
         cfg = replace(cfg, vocab_size=5000)
     torch.manual_seed(0)
-    model = build_model(cfg, load_cmvn=False).eval()
+    return build_model(cfg, load_cmvn=False).eval()
+
+
+def build(path: str) -> tuple[U2PPModel, ModuleTimers]:
+    model = random_model(path)
     return model, ModuleTimers(model)
 
 
