@@ -17,7 +17,9 @@ only the seconds differ. The best round of each variant is reported:
 
 ``--variants`` picks some of them (keys ``grouped-ep grouped loop deepspeed dense``);
 ``--variant NAME KEY=VALUE...`` adds one of its own, e.g. a balancing setting in the
-expert-parallel layout (``--variant bias parallel.ep_size=2 model.moe.bias_update_rate=0.1``).
+expert-parallel layout (``--variant bias parallel.ep_size=2 model.moe.bias_update_rate=0.1``);
+two overrides pick its files instead of the run's: ``config=PATH`` and ``deepspeed_config=PATH``
+(``--variant dense-overlap config=examples/digits/conf/dense.yaml deepspeed_config=ds.json``).
 
     python -m bench.train --config conf/tiny_moe.yaml --deepspeed_config ds_configs/zero2_cpu.json \\
         --train-shards data/train/shards.list --cv-shards data/cv/shards.list --nproc 2 --steps 60 \\
@@ -37,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def variants(nproc: int, dense_config: str | None) -> dict[str, tuple[str, list[str], str | None]]:
-    """key -> (table label, config overrides, config to use instead of --config)."""
+    """key -> (table label, overrides, config to use instead of --config)."""
     out = {
         "grouped-ep": (f"grouped, ep={nproc} (ours, expert parallel)",
                        ["model.moe.impl=grouped", f"parallel.ep_size={nproc}"], None),
@@ -52,12 +54,29 @@ def variants(nproc: int, dense_config: str | None) -> dict[str, tuple[str, list[
     return out
 
 
+# Overrides naming a variant's files rather than a key of its YAML.
+FILE_KEYS = ("config", "deepspeed_config")
+
+
+def split_overrides(overrides: list[str], files: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """A variant's overrides as (its files: ``files`` with FILE_KEYS replaced, its YAML ``--set``s)."""
+    files, sets = dict(files), []
+    for o in overrides:
+        key, value = o.split("=", 1)
+        if key in FILE_KEYS:
+            files[key] = value
+        else:
+            sets.append(o)
+    return files, sets
+
+
 def run_variant(args: argparse.Namespace, overrides: list[str], config: str, out_dir: Path, port: int) -> float:
-    sets = [*args.set, *overrides, f"train.max_steps={args.steps}", f"train.log_interval={args.log_interval}",
+    files, sets = split_overrides(overrides, {"config": config, "deepspeed_config": args.deepspeed_config})
+    sets = [*args.set, *sets, f"train.max_steps={args.steps}", f"train.log_interval={args.log_interval}",
             "train.checkpoint_interval=0", f"train.max_epochs={10 ** 6}"]
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(args.nproc),
-           "--master_port", str(port), str(REPO / "launch/train.py"), "--config", config,
-           "--deepspeed_config", args.deepspeed_config, "--train-shards", args.train_shards,
+           "--master_port", str(port), str(REPO / "launch/train.py"), "--config", files["config"],
+           "--deepspeed_config", files["deepspeed_config"], "--train-shards", args.train_shards,
            "--cv-shards", args.cv_shards, "--out-dir", str(out_dir)]
     for s in sets:
         cmd += ["--set", s]
@@ -86,7 +105,8 @@ def main() -> int:
     p.add_argument("--dense-config", help="also train this dense config (the MoE's twin of equal active parameters)")
     p.add_argument("--variants", nargs="*", help="keys to run (default: all): grouped-ep grouped loop deepspeed dense")
     p.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME KEY=VALUE",
-                   help="one more variant: its name, then its launch/train.py overrides (repeatable)")
+                   help="one more variant: its name, then launch/train.py overrides, config=PATH or "
+                        "deepspeed_config=PATH (repeatable)")
     args = p.parse_args()
     runs = variants(args.nproc, args.dense_config)
     if args.variants is not None:
