@@ -38,19 +38,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def variants(nproc: int, dense_config: str | None) -> dict[str, tuple[str, list[str], str | None]]:
-    """key -> (table label, overrides, config to use instead of --config)."""
+def variants(nproc: int, dense_config: str | None) -> dict[str, tuple[str, list[str]]]:
+    """key -> (table label, overrides)."""
     out = {
         "grouped-ep": (f"grouped, ep={nproc} (ours, expert parallel)",
-                       ["model.moe.impl=grouped", f"parallel.ep_size={nproc}"], None),
-        "grouped": ("grouped, ep=1 (ours, data parallel)", ["model.moe.impl=grouped", "parallel.ep_size=1"], None),
-        "loop": ("loop, ep=1 (WeNet's per-expert loop)", ["model.moe.impl=loop", "parallel.ep_size=1"], None),
+                       ["model.moe.impl=grouped", f"parallel.ep_size={nproc}"]),
+        "grouped": ("grouped, ep=1 (ours, data parallel)", ["model.moe.impl=grouped", "parallel.ep_size=1"]),
+        "loop": ("loop, ep=1 (WeNet's per-expert loop)", ["model.moe.impl=loop", "parallel.ep_size=1"]),
         "deepspeed": ("deepspeed.moe.layer.MoE, ep=1 (k=2, dropless)",
-                      ["model.moe.impl=deepspeed", "parallel.ep_size=1"], None),
+                      ["model.moe.impl=deepspeed", "parallel.ep_size=1"]),
     }
     if dense_config:
         out["dense"] = (f"dense FFN, equal active parameters ({Path(dense_config).name})",
-                        ["parallel.ep_size=1"], dense_config)
+                        [f"config={dense_config}", "parallel.ep_size=1"])
     return out
 
 
@@ -70,8 +70,8 @@ def split_overrides(overrides: list[str], files: dict[str, str]) -> tuple[dict[s
     return files, sets
 
 
-def run_variant(args: argparse.Namespace, overrides: list[str], config: str, out_dir: Path, port: int) -> float:
-    files, sets = split_overrides(overrides, {"config": config, "deepspeed_config": args.deepspeed_config})
+def run_variant(args: argparse.Namespace, overrides: list[str], out_dir: Path, port: int) -> float:
+    files, sets = split_overrides(overrides, {"config": args.config, "deepspeed_config": args.deepspeed_config})
     sets = [*args.set, *sets, f"train.max_steps={args.steps}", f"train.log_interval={args.log_interval}",
             "train.checkpoint_interval=0", f"train.max_epochs={10 ** 6}"]
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(args.nproc),
@@ -117,15 +117,14 @@ def main() -> int:
     for name, *overrides in args.variant:
         if name in runs or any("=" not in o for o in overrides):
             p.error(f"--variant {name}: a new name, then KEY=VALUE overrides")
-        runs[name] = (name, overrides, None)
+        runs[name] = (name, overrides)
     if not runs:
         p.error("no variant to run")
     fps: dict[str, list[float]] = {key: [] for key in runs}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for i, (key, (name, overrides, config)) in enumerate(runs.items()):
-                fps[key].append(run_variant(args, overrides, config or args.config, Path(tmp) / f"{r}_{i}",
-                                            args.port + i))
+            for i, (key, (name, overrides)) in enumerate(runs.items()):
+                fps[key].append(run_variant(args, overrides, Path(tmp) / f"{r}_{i}", args.port + i))
                 print(f"round {r}: {name}: {fps[key][-1]:.0f} frames/s", file=sys.stderr)
     base_key = "loop" if "loop" in fps else next(iter(fps))
     base = max(fps[base_key])
